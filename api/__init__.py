@@ -1,0 +1,1 @@
+"""The HTTP layer's parts: request and response schemas, the error table, request validation."""

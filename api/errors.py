@@ -1,0 +1,35 @@
+"""One table from error kinds to HTTP statuses; every error body is `{"error", "error_type"}`."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.responses import JSONResponse
+
+from domain import ModelServiceError
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR_TYPE = {
+    "validation_error": 422,
+    "payload_too_large": 413,
+    "model_not_found": 404,
+    "model_not_loaded": 503,
+    "device_not_available": 503,
+    "insufficient_memory": 507,
+    "generation_timeout": 504,
+    "generation_error": 500,
+    "model_service_error": 500,
+    "internal_error": 500,
+}
+
+
+def error_response(message: str, error_type: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type, **extra}, status_code=STATUS_BY_ERROR_TYPE[error_type])
+
+
+def response_for(error: Exception) -> JSONResponse:
+    if isinstance(error, ModelServiceError):
+        return error_response(error.message, error.error_type)
+    logger.exception("unexpected error", exc_info=error)
+    return error_response(f"internal error: {type(error).__name__}; see the service log", "internal_error")

@@ -1,0 +1,104 @@
+"""Request and response bodies. Request bounds come from the settings, so they live in one place."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from settings import DEVICE_NAMES, MODEL_ID_PATTERN, Settings, validate_device
+
+MAX_LENGTH_LIMIT = 2048
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _device_name(value: str | None) -> str | None:
+    return None if value is None else validate_device(value)
+
+
+ModelId = Annotated[
+    str,
+    Field(pattern=MODEL_ID_PATTERN, description="a model id in the model store, such as smollm2-135m-instruct"),
+]
+DeviceName = Annotated[str | None, AfterValidator(_device_name), Field(description=f"one of {DEVICE_NAMES}")]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], type[Request]]:
+    """Builds the request schemas with the operator's bounds: (generate, load, unload)."""
+    Query = Annotated[str, Field(min_length=1, max_length=settings.max_query_chars), AfterValidator(_no_nul)]
+    Passage = Annotated[str, Field(max_length=settings.max_context_item_chars), AfterValidator(_no_nul)]
+
+    class GenerateRequest(Request):
+        query: Query = Field(description="the question or instruction")
+        context: list[Passage] = Field(
+            default_factory=list, max_length=settings.max_context_items, description="passages from the vector store"
+        )
+        max_length: int | None = Field(
+            None,
+            ge=1,
+            le=MAX_LENGTH_LIMIT,
+            description=f"new tokens to generate; capped by MAX_NEW_TOKENS ({settings.max_new_tokens})",
+        )
+        temperature: float | None = Field(
+            None, ge=0.0, le=2.0, description=f"0 is greedy; default GENERATION_TEMPERATURE ({settings.generation_temperature})"
+        )
+        model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
+        use_async: bool = Field(True, description="generation always runs off the event loop, on the engine's threads")
+
+    class LoadModelRequest(Request):
+        model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
+        device: DeviceName = Field(None, description=f"{DEVICE_NAMES}; default DEVICE_TYPE ({settings.device_type})")
+
+    class UnloadModelRequest(Request):
+        model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
+
+    return GenerateRequest, LoadModelRequest, UnloadModelRequest
+
+
+class ModelInfo(BaseModel):
+    id: str
+    name: str
+    type: str
+    device: str
+    is_loaded: bool
+    path: str
+    created_at: str
+    updated_at: str
+    metadata: dict[str, Any] | None = None
+
+
+class GenerateResponse(BaseModel):
+    result: str
+    model_id: str
+    finish_reason: str = Field(description="stop: the model ended its answer; length: max_length was reached")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    max_new_tokens: int
+    temperature: float
+    generation_time_ms: float
+    total_time_ms: float
+
+
+class ModelStateResponse(BaseModel):
+    status: str
+    model: ModelInfo
+
+
+class OptimizeMemoryResponse(BaseModel):
+    status: str
+    gc_collected_objects: int
+    rss_before_mb: float
+    rss_after_mb: float
+    freed_mb: float
+    cuda_cache_cleared: bool
+    duration_s: float

@@ -1,0 +1,53 @@
+"""The domain of the AI Model Service: entities, errors, ports, the model service and use cases.
+
+Pure Python: nothing here imports torch, transformers or bentoml.
+"""
+
+from .catalog import CatalogEntry, ModelCatalog
+from .commands import GenerateText, LoadModel, OptimizeMemory, UnloadModel
+from .errors import (
+    DeviceNotAvailableError,
+    GenerationError,
+    GenerationTimeoutError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelNotLoadedError,
+    ModelServiceError,
+    error_from_type,
+)
+from .generation import ChatMessage, Generation, GenerationLimits, GenerationParams, Prompt
+from .model import Model
+from .ports import ModelRepository, SystemMonitor
+from .prompt import PromptBuilder
+from .services import ModelService
+from .use_cases import GenerateTextUseCase
+
+__all__ = [
+    "CatalogEntry",
+    "ChatMessage",
+    "DeviceNotAvailableError",
+    "GenerateText",
+    "GenerateTextUseCase",
+    "Generation",
+    "GenerationError",
+    "GenerationLimits",
+    "GenerationParams",
+    "GenerationTimeoutError",
+    "InsufficientMemoryError",
+    "InvalidRequestError",
+    "LoadModel",
+    "Model",
+    "ModelCatalog",
+    "ModelNotFoundError",
+    "ModelNotLoadedError",
+    "ModelRepository",
+    "ModelService",
+    "ModelServiceError",
+    "OptimizeMemory",
+    "Prompt",
+    "PromptBuilder",
+    "SystemMonitor",
+    "UnloadModel",
+    "error_from_type",
+]

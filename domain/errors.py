@@ -1,0 +1,75 @@
+"""The errors the service can answer with. Each kind has a stable `error_type` that callers match on."""
+
+from __future__ import annotations
+
+
+class ModelServiceError(Exception):
+    error_type = "model_service_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(ModelServiceError):
+    """The request breaks a limit that only the engine can check (the prompt against the context window)."""
+
+    error_type = "validation_error"
+
+
+class ModelNotFoundError(ModelServiceError):
+    error_type = "model_not_found"
+
+    @classmethod
+    def for_id(cls, model_id: str, available: list[str]) -> ModelNotFoundError:
+        listed = ", ".join(available) if available else "none"
+        return cls(
+            f"model_id {model_id!r} is not in the model store (available: {listed}). Import it with "
+            f"`python scripts/import_model.py --from /path/to/{model_id} --name {model_id}`"
+        )
+
+
+class ModelNotLoadedError(ModelServiceError):
+    error_type = "model_not_loaded"
+
+    @classmethod
+    def for_id(cls, model_id: str) -> ModelNotLoadedError:
+        return cls(f"model {model_id!r} is not loaded; load it with POST /load-model {{\"model_id\": \"{model_id}\"}}")
+
+
+class DeviceNotAvailableError(ModelServiceError):
+    error_type = "device_not_available"
+
+
+class InsufficientMemoryError(ModelServiceError):
+    """The spec's MemoryError, named so that it does not shadow the builtin."""
+
+    error_type = "insufficient_memory"
+
+
+class GenerationError(ModelServiceError):
+    error_type = "generation_error"
+
+
+class GenerationTimeoutError(GenerationError):
+    error_type = "generation_timeout"
+
+
+ERROR_KINDS: dict[str, type[ModelServiceError]] = {
+    kind.error_type: kind
+    for kind in (
+        ModelServiceError,
+        InvalidRequestError,
+        ModelNotFoundError,
+        ModelNotLoadedError,
+        DeviceNotAvailableError,
+        InsufficientMemoryError,
+        GenerationError,
+        GenerationTimeoutError,
+    )
+}
+
+
+def error_from_type(error_type: str, message: str) -> ModelServiceError:
+    """Rebuilds an error that crossed a process boundary as `{"error_type", "error"}`."""
+    return ERROR_KINDS.get(error_type, ModelServiceError)(message)

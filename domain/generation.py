@@ -1,0 +1,73 @@
+"""What a generation is asked for and what it gives back."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: tuple[ChatMessage, ...]
+
+    def to_list(self) -> list[dict[str, str]]:
+        return [asdict(message) for message in self.messages]
+
+    @classmethod
+    def from_list(cls, messages: list[dict[str, str]]) -> Prompt:
+        return cls(tuple(ChatMessage(**message) for message in messages))
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float
+    timeout_s: float
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """The operator's bounds: MAX_NEW_TOKENS caps a request, the defaults fill what it leaves out."""
+
+    max_new_tokens: int
+    default_temperature: float
+    max_generation_time_s: float
+
+    def params_for(self, max_length: int | None, temperature: float | None) -> GenerationParams:
+        requested = self.max_new_tokens if max_length is None else max_length
+        return GenerationParams(
+            max_new_tokens=min(requested, self.max_new_tokens),
+            temperature=self.default_temperature if temperature is None else temperature,
+            timeout_s=self.max_generation_time_s,
+        )
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    model_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    generation_time_s: float
+    max_new_tokens: int
+    temperature: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Generation:
+        return cls(**data)

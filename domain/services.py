@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from typing import Any
+
+from .commands import LoadModel, OptimizeMemory, UnloadModel
+from .model import Model
+from .ports import ModelRepository, SystemMonitor
+
+SERVICE_NAME = "ai-model"
+
+
+class ModelService:
+    """Model management: which model a request means, loading, unloading, memory and health."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        monitor: SystemMonitor,
+        default_model_id: str,
+        default_device: str = "auto",
+    ) -> None:
+        self._repository = repository
+        self._monitor = monitor
+        self.default_model_id = default_model_id
+        self.default_device = default_device
+
+    def resolve_model_id(self, model_id: str | None) -> str:
+        return model_id or self.default_model_id
+
+    async def load_model(self, command: LoadModel) -> Model:
+        return await self._repository.load_model(
+            self.resolve_model_id(command.model_id), command.device or self.default_device
+        )
+
+    async def unload_model(self, command: UnloadModel) -> Model:
+        return await self._repository.unload_model(self.resolve_model_id(command.model_id))
+
+    async def optimize_memory(self, command: OptimizeMemory) -> dict[str, Any]:
+        return await self._monitor.optimize_memory()
+
+    async def list_models(self) -> list[Model]:
+        return await self._repository.list_models()
+
+    async def loaded_models(self) -> list[Model]:
+        return [model for model in await self.list_models() if model.is_loaded]
+
+    async def health(self) -> dict[str, Any]:
+        models = await self.list_models()
+        loaded = [model for model in models if model.is_loaded]
+        default_loaded = any(model.id == self.default_model_id for model in loaded)
+        return {
+            "status": "healthy" if default_loaded else "degraded",
+            "service": SERVICE_NAME,
+            "default_model_id": self.default_model_id,
+            "default_model_loaded": default_loaded,
+            "loaded_models_count": len(loaded),
+            "loaded_models": [model.to_dict() for model in loaded],
+            "available_models": [model.id for model in models],
+            "memory_usage": await self._monitor.memory_usage(),
+        }
+
+    async def memory_usage(self) -> dict[str, Any]:
+        usage = await self._monitor.memory_usage()
+        return {**usage, "loaded_models_count": len(await self.loaded_models())}
+
+    async def system_info(self) -> dict[str, Any]:
+        info = await self._monitor.system_info()
+        return {**info, "loaded_models_count": len(await self.loaded_models())}

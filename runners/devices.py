@@ -1,0 +1,51 @@
+"""Device placement and dtype: `auto` means cuda, then mps, then cpu."""
+
+from __future__ import annotations
+
+import torch
+
+from domain import DeviceNotAvailableError, InvalidRequestError
+from settings import DEVICE_NAMES, DEVICE_PATTERN
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def available_devices() -> list[str]:
+    devices = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if mps_available():
+        devices.append("mps")
+    return devices + ["cpu"]
+
+
+def resolve_device(requested: str) -> str:
+    """The concrete device for a request; a known name whose hardware is absent is DeviceNotAvailableError."""
+    device = requested.strip().lower()
+    if not DEVICE_PATTERN.match(device):
+        raise InvalidRequestError(f"device: must be one of {DEVICE_NAMES}, got {requested!r}")
+    if device == "auto":
+        return available_devices()[0]
+    if device == "cuda":
+        device = "cuda:0"
+    if device not in available_devices():
+        raise DeviceNotAvailableError(
+            f"device {requested!r} is not available on this machine (available: {', '.join(available_devices())})"
+        )
+    return device
+
+
+def dtype_for(device: str, setting: str) -> torch.dtype:
+    """fp32 on CPU (the spec's choice, and CPUs without bf16 matrix units run bf16 slowly); bf16 on accelerators."""
+    if setting != "auto":
+        return DTYPES[setting]
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def configure_torch(cpu_threads: int, gpu_memory_fraction: float) -> None:
+    torch.set_num_threads(cpu_threads)
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction, index)

@@ -1,0 +1,122 @@
+"""The engine process: a BentoML service that owns the loaded models and runs every generation.
+
+The API service reaches it through `bentoml.depends`. It runs as one worker, because loaded models
+are process state; its answers are plain dicts (`{"result": ...}` or `{"error", "error_type"}`) so
+domain errors cross the process boundary intact and become the right HTTP status on the API side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import bentoml
+
+from domain import GenerationParams, ModelServiceError, Prompt
+from settings import get_settings
+
+from .store import BentoModelStoreCatalog
+
+logger = logging.getLogger(__name__)
+settings = get_settings()
+Reply = dict[str, Any]
+
+
+async def reply(operation: Awaitable[Any]) -> Reply:
+    try:
+        return {"result": await operation}
+    except ModelServiceError as error:
+        return {"error": error.message, "error_type": error.error_type}
+
+
+@bentoml.service(name="generation-engine", workers=1, traffic={"timeout": int(settings.max_generation_time) + 60})
+class GenerationEngine:
+    # Referenced at class scope so that `bentoml build` packs the default model into the Bento.
+    default_model = bentoml.models.BentoModel(settings.default_model_id)
+
+    def __init__(self) -> None:
+        os.environ.setdefault("OMP_NUM_THREADS", str(settings.cpu_threads))
+        # Imported here, not at the top: the API workers import this module for `bentoml.depends`
+        # and need neither torch nor transformers.
+        from . import memory
+        from .devices import configure_torch
+        from .repository import TransformersModelRepository
+
+        self.memory = memory
+        configure_torch(settings.cpu_threads, settings.gpu_memory_fraction)
+        self.executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="engine")
+        self.catalog = BentoModelStoreCatalog()
+        self.catalog.get(settings.default_model_id)  # stop at start-up, with the import hint, if it is missing
+        self.repository = TransformersModelRepository(
+            self.catalog,
+            self.executor,
+            memory.MemoryLimits(settings.max_memory_usage, settings.min_memory_gb, settings.gpu_memory_fraction),
+            dtype=settings.model_dtype,
+        )
+        self.preload: Future | None = None
+        if settings.preload_default_model:
+            self.preload = self.executor.submit(self.repository.load_blocking, settings.default_model_id, settings.device_type)
+            self.preload.add_done_callback(self._report_preload)
+
+    @staticmethod
+    def _report_preload(done: Future) -> None:
+        if done.exception() is not None:
+            logger.error("preloading the default model failed: %s", done.exception())
+
+    async def __is_ready__(self) -> bool:
+        return self.preload is None or self.preload.done()
+
+    @bentoml.api
+    async def load_model(self, model_id: str, device: str) -> Reply:
+        return await reply(self._model_dict(self.repository.load_model(model_id, device)))
+
+    @bentoml.api
+    async def unload_model(self, model_id: str) -> Reply:
+        return await reply(self._model_dict(self.repository.unload_model(model_id)))
+
+    @bentoml.api
+    async def get_model(self, model_id: str) -> Reply:
+        return await reply(self._model_dict(self.repository.get_model(model_id)))
+
+    @bentoml.api
+    async def list_models(self) -> Reply:
+        async def models() -> list[dict]:
+            return [model.to_dict() for model in await self.repository.list_models()]
+
+        return await reply(models())
+
+    @bentoml.api
+    async def generate_text(
+        self, model_id: str, messages: list[dict[str, str]], max_new_tokens: int, temperature: float, timeout_s: float
+    ) -> Reply:
+        async def generate() -> dict:
+            params = GenerationParams(max_new_tokens, temperature, timeout_s)
+            generation = await self.repository.generate_text(model_id, Prompt.from_list(messages), params)
+            return generation.to_dict()
+
+        return await reply(generate())
+
+    @bentoml.api
+    async def memory_usage(self) -> Reply:
+        return await reply(self._in_executor(self.memory.process_memory))
+
+    @bentoml.api
+    async def optimize_memory(self) -> Reply:
+        return await reply(self._in_executor(self.memory.release_freed_memory))
+
+    @bentoml.api
+    async def system_info(self) -> Reply:
+        return await reply(
+            self._in_executor(lambda: self.memory.system_info(settings.max_workers, settings.max_processes, settings.cpu_threads))
+        )
+
+    async def _in_executor(self, work) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+    @staticmethod
+    async def _model_dict(operation: Awaitable) -> dict:
+        return (await operation).to_dict()

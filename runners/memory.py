@@ -1,0 +1,141 @@
+"""Memory: what the engine process uses, what a load may take, and giving memory back."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from domain import InsufficientMemoryError
+
+GIB = 1024**3
+MIB = 1024**2
+# Weights are most of a model's footprint; buffers, activations and allocator slack the rest.
+LOAD_OVERHEAD = 1.2
+
+
+@dataclass(frozen=True)
+class MemoryLimits:
+    max_usage_fraction: float
+    min_free_gb: float
+    gpu_memory_fraction: float
+
+
+def _mib(value: float) -> float:
+    return round(value / MIB, 1)
+
+
+def gpu_memory() -> list[dict[str, Any]]:
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        devices.append(
+            {
+                "device": f"cuda:{index}",
+                "allocated_mb": _mib(torch.cuda.memory_allocated(index)),
+                "reserved_mb": _mib(torch.cuda.memory_reserved(index)),
+                "free_mb": _mib(free),
+                "total_mb": _mib(total),
+            }
+        )
+    return devices
+
+
+def release_freed_memory() -> dict[str, Any]:
+    """Forced garbage collection, accelerator cache clearing, and freed heap handed back to the OS."""
+    before = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    collected = gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
+    if sys.platform.startswith("linux"):
+        # glibc keeps freed heap pages; without this RSS does not fall after an unload.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    after = psutil.Process().memory_info().rss
+    return {
+        "gc_collected_objects": collected,
+        "rss_before_mb": _mib(before),
+        "rss_after_mb": _mib(after),
+        "freed_mb": _mib(max(before - after, 0)),
+        "cuda_cache_cleared": torch.cuda.is_available(),
+        "duration_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def process_memory() -> dict[str, Any]:
+    process = psutil.Process()
+    info = process.memory_info()
+    system = psutil.virtual_memory()
+    return {
+        "rss_mb": _mib(info.rss),
+        "vms_mb": _mib(info.vms),
+        "percent": round(process.memory_percent(), 2),
+        "system_total_mb": _mib(system.total),
+        "system_available_mb": _mib(system.available),
+        "system_used_percent": system.percent,
+        "gpu": gpu_memory(),
+    }
+
+
+def system_info(max_workers: int, max_processes: int, cpu_threads: int) -> dict[str, Any]:
+    process = psutil.Process()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_count_physical": psutil.cpu_count(logical=False),
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_threads_setting": cpu_threads,
+        "memory": process_memory(),
+        "max_workers": max_workers,
+        "max_processes": max_processes,
+        "engine_pid": process.pid,
+        "engine_threads": threading.active_count(),
+        "engine_os_threads": process.num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "torch_version": torch.__version__,
+    }
+
+
+def estimate_footprint(metadata: dict[str, Any], bytes_per_parameter: int, files_size: int) -> int:
+    parameters = metadata.get("parameters")
+    weights = parameters * bytes_per_parameter if parameters else files_size
+    return int(weights * LOAD_OVERHEAD)
+
+
+def check_room_for(model_id: str, footprint: int, device: str, limits: MemoryLimits) -> None:
+    """Refuses a load that would break MIN_MEMORY_GB or MAX_MEMORY_USAGE, before it starts."""
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        free, total = torch.cuda.mem_get_info(index)
+        allowed = total * limits.gpu_memory_fraction - torch.cuda.memory_reserved(index)
+        if footprint > min(free, allowed):
+            raise InsufficientMemoryError(
+                f"loading {model_id!r} needs about {footprint / GIB:.2f} GB on {device}; "
+                f"{min(free, allowed) / GIB:.2f} GB is free within GPU_MEMORY_FRACTION={limits.gpu_memory_fraction}"
+            )
+        return
+    system = psutil.virtual_memory()
+    left = system.available - footprint
+    if left < limits.min_free_gb * GIB:
+        raise InsufficientMemoryError(
+            f"loading {model_id!r} needs about {footprint / GIB:.2f} GB and would leave {left / GIB:.2f} GB free, "
+            f"below MIN_MEMORY_GB={limits.min_free_gb}; unload a model or add memory"
+        )
+    usage = (system.total - left) / system.total
+    if usage > limits.max_usage_fraction:
+        raise InsufficientMemoryError(
+            f"loading {model_id!r} needs about {footprint / GIB:.2f} GB and would bring memory use to "
+            f"{usage:.0%}, above MAX_MEMORY_USAGE={limits.max_usage_fraction}; unload a model or add memory"
+        )

@@ -1,0 +1,134 @@
+"""The AI Model Service: its HTTP API, in front of the generation engine.
+
+    bentoml serve service:AIModelService --port 8003
+
+POST routes are BentoML APIs (so `bentoml.SyncHTTPClient` and `/docs.json` know them); GET routes
+come from a mounted Starlette app, because BentoML APIs are POST only. Each handler turns the
+request into a command, runs it through the domain, and answers the result or the error's status.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.errors import response_for
+from api.schemas import (
+    GenerateResponse,
+    ModelStateResponse,
+    OptimizeMemoryResponse,
+    request_schemas,
+)
+from api.validation import RequestValidationMiddleware
+from domain import GenerateText, GenerateTextUseCase, LoadModel, ModelService, OptimizeMemory, UnloadModel
+from runners.client import EngineClient
+from runners.engine import GenerationEngine
+from settings import get_settings
+
+settings = get_settings()
+GenerateRequest, LoadModelRequest, UnloadModelRequest = request_schemas(settings)
+MAX_BODY_BYTES = settings.max_query_chars * 4 + settings.max_context_items * settings.max_context_item_chars * 4 + 65536
+# The engine enforces MAX_GENERATION_TIME inside generation; this only catches a stuck hop.
+HTTP_TIMEOUT_S = int(settings.max_generation_time) + 60
+
+
+async def answer(operation: Awaitable[Any]) -> Any:
+    """The operation's result, or the JSON error response its exception maps to."""
+    try:
+        return await operation
+    except Exception as error:  # noqa: BLE001: every failure becomes a JSON error body, never a bare 500
+        return response_for(error)
+
+
+def get_route(handler: Callable[[AIModelService], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(_: Request) -> Response:
+        result = await answer(handler(bentoml.get_current_service()))
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    return endpoint
+
+
+routes = Starlette(
+    routes=[
+        Route("/health", get_route(lambda service: service.models.health())),
+        Route("/system-info", get_route(lambda service: service.models.system_info())),
+        Route("/memory-usage", get_route(lambda service: service.models.memory_usage())),
+        Route("/models", get_route(lambda service: service.list_models())),
+    ]
+)
+
+
+@bentoml.service(
+    name="ai-model",
+    workers=settings.max_processes,
+    traffic={"timeout": HTTP_TIMEOUT_S},
+    http={"port": settings.port},
+)
+@bentoml.asgi_app(routes, path="/")
+class AIModelService:
+    engine = bentoml.depends(GenerationEngine)
+
+    def __init__(self) -> None:
+        client = EngineClient(self.engine)
+        self.models = ModelService(client, client, settings.default_model_id, settings.device_type)
+        self.generate_text = GenerateTextUseCase(
+            self.models, client, settings.prompt_builder, settings.generation_limits, settings.auto_load_models
+        )
+
+    @bentoml.api(route="/generate", input_spec=GenerateRequest)
+    async def generate(self, **request: Any) -> GenerateResponse:
+        return await answer(self._generate(GenerateText(**request)))
+
+    @bentoml.api(route="/load-model", input_spec=LoadModelRequest)
+    async def load_model(self, **request: Any) -> ModelStateResponse:
+        return await answer(self._model_state("loaded", self.models.load_model(LoadModel(**request))))
+
+    @bentoml.api(route="/unload-model", input_spec=UnloadModelRequest)
+    async def unload_model(self, **request: Any) -> ModelStateResponse:
+        return await answer(self._model_state("unloaded", self.models.unload_model(UnloadModel(**request))))
+
+    @bentoml.api(route="/optimize-memory")
+    async def optimize_memory(self) -> OptimizeMemoryResponse:
+        return await answer(self._optimized())
+
+    async def list_models(self) -> dict[str, Any]:
+        models = await self.models.list_models()
+        return {"default_model_id": settings.default_model_id, "models": [model.to_dict() for model in models]}
+
+    async def _generate(self, command: GenerateText) -> GenerateResponse:
+        started = time.perf_counter()
+        generation = await self.generate_text(command)
+        return GenerateResponse(
+            result=generation.text,
+            model_id=generation.model_id,
+            finish_reason=generation.finish_reason,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            total_tokens=generation.prompt_tokens + generation.completion_tokens,
+            max_new_tokens=generation.max_new_tokens,
+            temperature=generation.temperature,
+            generation_time_ms=round(generation.generation_time_s * 1000, 2),
+            total_time_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+    @staticmethod
+    async def _model_state(status: str, operation: Awaitable) -> ModelStateResponse:
+        model = await operation
+        return ModelStateResponse(status=status, model=model.to_dict())
+
+    async def _optimized(self) -> OptimizeMemoryResponse:
+        return OptimizeMemoryResponse(status="optimized", **await self.models.optimize_memory(OptimizeMemory()))
+
+
+AIModelService.add_asgi_middleware(
+    RequestValidationMiddleware,
+    schemas={"/generate": GenerateRequest, "/load-model": LoadModelRequest, "/unload-model": UnloadModelRequest},
+    max_body_bytes=MAX_BODY_BYTES,
+)

@@ -1,0 +1,96 @@
+"""The service's configuration: every environment variable, typed and validated once at start-up."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from domain import GenerationLimits, PromptBuilder
+from domain.prompt import DEFAULT_SYSTEM_PROMPT
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def validate_device(value: str) -> str:
+    device = value.strip().lower()
+    if not DEVICE_PATTERN.match(device):
+        raise ValueError(f"must be one of {DEVICE_NAMES}, got {value!r}")
+    return device
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_file=None)
+
+    # The ten variables of the specification.
+    device_type: str = Field("auto", description=f"device for models: {DEVICE_NAMES}")
+    cpu_threads: int = Field(4, ge=1, le=512, description="torch CPU threads in the engine")
+    gpu_memory_fraction: float = Field(0.8, gt=0.0, le=1.0, description="share of GPU memory the engine may use")
+    max_workers: int = Field(8, ge=1, le=256, description="engine threads that run loads and generations")
+    max_processes: int = Field(2, ge=1, le=64, description="HTTP worker processes of the API service")
+    max_generation_time: float = Field(30.0, gt=0.0, le=3600.0, description="seconds a generation may run")
+    max_new_tokens: int = Field(10, ge=1, le=32768, description="most new tokens a request gets")
+    generation_temperature: float = Field(0.1, ge=0.0, le=2.0, description="temperature when a request gives none")
+    max_memory_usage: float = Field(0.9, gt=0.0, le=1.0, description="highest share of system memory in use")
+    min_memory_gb: float = Field(2.0, ge=0.0, description="least free memory (GB) a model load must leave")
+
+    # Ours.
+    default_model_id: str = Field("smollm2-135m-instruct", pattern=MODEL_ID_PATTERN)
+    preload_default_model: bool = Field(True, description="load the default model at start-up")
+    auto_load_models: bool = Field(True, description="load a model on its first request")
+    model_dtype: str = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA and MPS")
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, max_length=8000)
+    max_query_chars: int = Field(32_000, ge=1)
+    max_context_items: int = Field(64, ge=0)
+    max_context_item_chars: int = Field(32_000, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8003, ge=1, le=65535)
+
+    @field_validator("device_type")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return validate_device(value)
+
+    @field_validator("model_dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"must be one of {', '.join(DTYPES)}, got {value!r}")
+        return value
+
+    @property
+    def generation_limits(self) -> GenerationLimits:
+        return GenerationLimits(
+            max_new_tokens=self.max_new_tokens,
+            default_temperature=self.generation_temperature,
+            max_generation_time_s=self.max_generation_time,
+        )
+
+    @property
+    def prompt_builder(self) -> PromptBuilder:
+        return PromptBuilder(self.system_prompt)
+
+
+class ConfigurationError(SystemExit):
+    """Stops the process at start-up with a message that names each bad variable."""
+
+
+def describe_errors(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors(include_url=False):
+        variable = str(item["loc"][0]).upper() if item["loc"] else "?"
+        problems.append(f"{variable}={item.get('input')!r}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigurationError(describe_errors(error)) from None

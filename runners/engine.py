@@ -17,7 +17,7 @@ from typing import Any
 import bentoml
 
 from domain import GenerationParams, ModelServiceError, Prompt
-from settings import get_settings
+from settings import ConfigurationError, get_settings
 
 from .store import BentoModelStoreCatalog
 
@@ -33,10 +33,23 @@ async def reply(operation: Awaitable[Any]) -> Reply:
         return {"error": error.message, "error_type": error.error_type}
 
 
+def require_in_store(model_id: str) -> str:
+    """Stops start-up (and `bentoml build`) with the fix when the default model was never imported."""
+    try:
+        bentoml.models.get(model_id)
+    except bentoml.exceptions.NotFound:
+        raise ConfigurationError(
+            f"DEFAULT_MODEL_ID={model_id!r} is not in the model store under BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')}; "
+            f"import it: `make setup` for the bundled model, or "
+            f"`python scripts/import_model.py --from DIR --name {model_id}`"
+        ) from None
+    return model_id
+
+
 @bentoml.service(name="generation-engine", workers=1, traffic={"timeout": int(settings.max_generation_time) + 60})
 class GenerationEngine:
     # Referenced at class scope so that `bentoml build` packs the default model into the Bento.
-    default_model = bentoml.models.BentoModel(settings.default_model_id)
+    default_model = bentoml.models.BentoModel(require_in_store(settings.default_model_id))
 
     def __init__(self) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(settings.cpu_threads))
@@ -50,7 +63,6 @@ class GenerationEngine:
         configure_torch(settings.cpu_threads, settings.gpu_memory_fraction)
         self.executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="engine")
         self.catalog = BentoModelStoreCatalog()
-        self.catalog.get(settings.default_model_id)  # stop at start-up, with the import hint, if it is missing
         self.repository = TransformersModelRepository(
             self.catalog,
             self.executor,

@@ -1,0 +1,86 @@
+"""Servers started with other settings: limits that fail requests, bad configuration, the Qwen path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+from .server import launch, start
+
+
+@pytest.fixture
+def run_service(tmp_path):
+    started = []
+
+    def run(**env: str):
+        service = start(tmp_path / f"serve-{len(started)}.log", env)
+        started.append(service)
+        return service
+
+    yield run
+    for service in started:
+        service.stop()
+
+
+def test_bad_configuration_stops_start_up_naming_the_variable(tmp_path):
+    service = launch(tmp_path / "bad.log", {"CPU_THREADS": "many", "GPU_MEMORY_FRACTION": "1.5"})
+    assert service.process.wait(timeout=60) != 0
+    logs = service.logs()
+    assert "CPU_THREADS='many'" in logs and "GPU_MEMORY_FRACTION='1.5'" in logs
+
+
+def test_generation_past_max_generation_time_answers_504_and_the_service_goes_on(run_service):
+    service = run_service(MAX_GENERATION_TIME="0.3", MAX_NEW_TOKENS="400")
+    story = {"query": "Write a long story about a dragon.", "max_length": 400, "temperature": 0}
+    response = httpx.post(f"{service.url}/generate", json=story, timeout=60)
+    assert response.status_code == 504, response.text
+    assert response.json()["error_type"] == "generation_timeout"
+    assert "MAX_GENERATION_TIME=0.3s" in response.json()["error"]
+    assert httpx.get(f"{service.url}/health", timeout=10).status_code == 200
+
+
+def test_load_past_the_memory_limits_answers_507_with_the_numbers(run_service):
+    service = run_service(MIN_MEMORY_GB="100000", PRELOAD_DEFAULT_MODEL="false")
+    for path, body in (("/load-model", {}), ("/generate", {"query": "hi"})):
+        response = httpx.post(f"{service.url}{path}", json=body, timeout=60)
+        assert response.status_code == 507, response.text
+        assert response.json()["error_type"] == "insufficient_memory"
+        assert "MIN_MEMORY_GB=100000" in response.json()["error"] and "GB" in response.json()["error"]
+    assert httpx.get(f"{service.url}/health", timeout=10).json()["loaded_models_count"] == 0
+
+
+def test_the_specs_curl_example_verbatim_once_a_qwen_model_is_imported(run_service, tmp_path, tiny_qwen_dir):
+    """A Qwen2 directory imported as qwen-model_full (random tiny weights, in a throw-away store)."""
+    store = str(tmp_path / "home")
+    script = str(ROOT / "scripts" / "import_model.py")
+    subprocess.run(
+        [sys.executable, script, "--from", str(tiny_qwen_dir), "--name", "qwen-model_full"],
+        env={**os.environ, "BENTOML_HOME": store},
+        check=True,
+        capture_output=True,
+    )
+    service = run_service(BENTOML_HOME=store, DEFAULT_MODEL_ID="qwen-model_full")
+    curl = json.dumps({"query": "тест", "model_id": "qwen-model_full"})
+    response = httpx.post(
+        f"{service.url}/generate", content=curl, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_id"] == "qwen-model_full" and body["completion_tokens"] >= 1
+    assert isinstance(body["result"], str)
+    health = httpx.get(f"{service.url}/health", timeout=10).json()
+    assert health["loaded_models"][0]["metadata"]["architecture"] == "Qwen2ForCausalLM"
+
+
+def test_a_default_model_missing_from_the_store_stops_start_up_with_the_fix(tmp_path):
+    service = launch(tmp_path / "missing.log", {"DEFAULT_MODEL_ID": "never-imported"})
+    assert service.process.wait(timeout=60) != 0
+    assert "DEFAULT_MODEL_ID='never-imported' is not in the model store" in service.logs()
+    assert "scripts/import_model.py" in service.logs()

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from domain.generation import MAX_TEMPERATURE
 from settings import DEVICE_NAMES, MODEL_ID_PATTERN, Settings, validate_device
 
 MAX_LENGTH_LIMIT = 2048
@@ -44,15 +45,16 @@ def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], t
         )
         max_length: int | None = Field(
             None,
+            strict=True,
             ge=1,
             le=MAX_LENGTH_LIMIT,
             description=f"new tokens to generate; capped by MAX_NEW_TOKENS ({settings.max_new_tokens})",
         )
         temperature: float | None = Field(
-            None, ge=0.0, le=2.0, description=f"0 is greedy; default GENERATION_TEMPERATURE ({settings.generation_temperature})"
+            None, strict=True, ge=0.0, le=MAX_TEMPERATURE, description=f"0 is greedy; default GENERATION_TEMPERATURE ({settings.generation_temperature})"
         )
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
-        use_async: bool = Field(True, description="generation always runs off the event loop, on the engine's threads")
+        use_async: bool = Field(True, strict=True, description="generation always runs off the event loop, on the engine's threads")
 
     class LoadModelRequest(Request):
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")

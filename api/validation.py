@@ -93,6 +93,8 @@ class RequestValidationMiddleware:
             raise InvalidBody(f"body: must be UTF-8, got an invalid byte at position {error.start}") from None
         except json.JSONDecodeError as error:
             raise InvalidBody(f"body: must be JSON, got a syntax error at line {error.lineno} column {error.colno}: {error.msg}") from None
+        except (RecursionError, ValueError) as error:  # nesting too deep, an integer past Python's digit limit
+            raise InvalidBody(f"body: JSON too deeply nested or with a number too long to read ({type(error).__name__})") from None
         if not isinstance(data, dict):
             raise InvalidBody(f"body: must be a JSON object, got {type(data).__name__}")
         return data

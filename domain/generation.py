@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-FINISH_REASONS = ("stop", "length")
+from .errors import InvalidRequestError
+
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class GenerationLimits:
     max_generation_time_s: float
 
     def params_for(self, max_length: int | None, temperature: float | None) -> GenerationParams:
+        if max_length is not None and max_length < 1:
+            raise InvalidRequestError(f"max_length: must be at least 1, got {max_length}")
+        if temperature is not None and not 0.0 <= temperature <= MAX_TEMPERATURE:
+            raise InvalidRequestError(f"temperature: must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}")
         requested = self.max_new_tokens if max_length is None else max_length
         return GenerationParams(
             max_new_tokens=min(requested, self.max_new_tokens),

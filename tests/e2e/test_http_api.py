@@ -134,6 +134,8 @@ def test_optimize_memory_needs_no_body(http):
         ({"query": 42}, ["query", "valid string", "42"]),
         ({"query": "hi", "max_length": 5000}, ["max_length", "2048", "5000"]),
         ({"query": "hi", "max_length": 0}, ["max_length", "1", "0"]),
+        ({"query": "hi", "max_length": True}, ["max_length", "integer", "True"]),
+        ({"query": "hi", "max_length": "5"}, ["max_length", "integer", "'5'"]),
         ({"query": "hi", "temperature": 2.5}, ["temperature", "2", "2.5"]),
         ({"query": "hi", "temperature": -1}, ["temperature", "0", "-1"]),
         ({"query": "hi", "context": "not a list"}, ["context", "list"]),

@@ -1,0 +1,159 @@
+"""In-memory fakes of the domain's ports. They keep state, so tests assert on what happened, not on calls.
+
+Each fake subclasses the real abstract port, so a port that grows a method breaks the fakes loudly.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from domain import (
+    CatalogEntry,
+    GenerationLimits,
+    DeviceNotAvailableError,
+    Generation,
+    GenerationParams,
+    Model,
+    ModelCatalog,
+    ModelNotLoadedError,
+    ModelRepository,
+    ModelServiceError,
+    Prompt,
+    SystemMonitor,
+)
+
+CREATED_AT = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def catalog_entry(model_id: str, version: str = "v1") -> CatalogEntry:
+    return CatalogEntry(
+        model_id=model_id,
+        version=version,
+        path=f"/models/{model_id}/{version}",
+        type="causal-lm",
+        created_at=CREATED_AT,
+        metadata={"parameters": 135_000_000},
+    )
+
+
+class InMemoryCatalog(ModelCatalog):
+    def __init__(self, *model_ids: str) -> None:
+        self._entries = {model_id: catalog_entry(model_id) for model_id in model_ids}
+
+    def entries(self) -> dict[str, CatalogEntry]:
+        return dict(self._entries)
+
+
+class FakeModelRepository(ModelRepository):
+    """Keeps which models are loaded and where; behaves like the engine's repository:
+
+    - an id the catalog does not know is a ModelNotFoundError (from the catalog);
+    - device "auto" means the first of `devices`; a device not in `devices` is a DeviceNotAvailableError;
+    - generating with a model that is not loaded is a ModelNotLoadedError;
+    - `fail_next_generations` / `fail_next_loads` make the next calls raise the given error instead.
+
+    A generation echoes the last (user) message of the prompt as its text.
+    """
+
+    def __init__(self, catalog: ModelCatalog, devices: tuple[str, ...] = ("cpu",)) -> None:
+        self.catalog = catalog
+        self.devices = devices
+        self.loaded: dict[str, str] = {}  # model id -> device
+        self.generations: list[tuple[str, Prompt, GenerationParams]] = []  # what was generated, in order
+        self._generation_failures: list[ModelServiceError] = []
+        self._load_failures: list[ModelServiceError] = []
+
+    # Test controls.
+
+    def fail_next_generations(self, error_kind: type[ModelServiceError], times: int = 1) -> None:
+        self._generation_failures += [error_kind(f"fake {error_kind.__name__}") for _ in range(times)]
+
+    def fail_next_loads(self, error_kind: type[ModelServiceError], times: int = 1) -> None:
+        self._load_failures += [error_kind(f"fake {error_kind.__name__}") for _ in range(times)]
+
+    def is_loaded(self, model_id: str) -> bool:
+        return model_id in self.loaded
+
+    # The port.
+
+    async def load_model(self, model_id: str, device: str = "auto") -> Model:
+        self.catalog.get(model_id)
+        if self._load_failures:
+            raise self._load_failures.pop(0)
+        if device == "auto":
+            device = self.loaded.get(model_id, self.devices[0])
+        if device not in self.devices:
+            raise DeviceNotAvailableError(f"device {device!r} is not available (available: {self.devices})")
+        self.loaded[model_id] = device
+        return self._describe(model_id)
+
+    async def unload_model(self, model_id: str) -> Model:
+        self.catalog.get(model_id)
+        self.loaded.pop(model_id, None)
+        return self._describe(model_id)
+
+    async def generate_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> Generation:
+        if self._generation_failures:
+            raise self._generation_failures.pop(0)
+        if model_id not in self.loaded:
+            self.catalog.get(model_id)
+            raise ModelNotLoadedError.for_id(model_id)
+        self.generations.append((model_id, prompt, params))
+        text = prompt.messages[-1].content
+        return Generation(
+            text=text,
+            model_id=model_id,
+            finish_reason="stop",
+            prompt_tokens=sum(len(message.content.split()) for message in prompt.messages),
+            completion_tokens=len(text.split()),
+            generation_time_s=0.0,
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+        )
+
+    async def get_model(self, model_id: str) -> Model:
+        self.catalog.get(model_id)
+        return self._describe(model_id)
+
+    async def list_models(self) -> list[Model]:
+        return [self._describe(model_id) for model_id in self.catalog.model_ids()]
+
+    def _describe(self, model_id: str) -> Model:
+        entry = self.catalog.get(model_id)
+        return Model(
+            id=model_id,
+            name=f"{model_id}:{entry.version}",
+            type=entry.type,
+            device=self.loaded.get(model_id, "none"),
+            is_loaded=model_id in self.loaded,
+            path=entry.path,
+            created_at=entry.created_at,
+            updated_at=entry.created_at,
+            metadata=dict(entry.metadata),
+        )
+
+
+class FakeSystemMonitor(SystemMonitor):
+    """Reports fixed memory figures and counts how often memory was optimized."""
+
+    def __init__(self) -> None:
+        self.optimizations = 0
+        self.rss_mb = 512.0
+
+    async def memory_usage(self) -> dict[str, Any]:
+        return {"rss_mb": self.rss_mb, "system_percent": 42.0}
+
+    async def optimize_memory(self) -> dict[str, Any]:
+        self.optimizations += 1
+        before, self.rss_mb = self.rss_mb, self.rss_mb / 2
+        return {"rss_before_mb": before, "rss_after_mb": self.rss_mb, "freed_mb": before - self.rss_mb}
+
+    async def system_info(self) -> dict[str, Any]:
+        return {"platform": "fake", "cpu_count": 4}
+
+
+DEFAULT_MODEL_ID = "default-model"
+TEST_MODEL_ID = "test-model"
+SYSTEM_PROMPT = "You are a test assistant."
+LIMITS = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30.0)

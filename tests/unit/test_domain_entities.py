@@ -1,0 +1,213 @@
+"""Model, Generation, Prompt, GenerationLimits, PromptBuilder and the catalog: values and their wire forms."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from domain import (
+    CatalogEntry,
+    ChatMessage,
+    Generation,
+    GenerationLimits,
+    InvalidRequestError,
+    GenerationParams,
+    Model,
+    ModelNotFoundError,
+    Prompt,
+    PromptBuilder,
+)
+from domain.prompt import DEFAULT_SYSTEM_PROMPT
+from tests.unit.fakes import InMemoryCatalog
+
+
+def a_model(**changes) -> Model:
+    fields = dict(
+        id="test-model",
+        name="test-model:v1",
+        type="causal-lm",
+        device="cpu",
+        is_loaded=True,
+        path="/models/test-model/v1",
+        created_at=datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc),
+        updated_at=datetime(2024, 1, 2, 8, 30, 15, 123456, tzinfo=timezone.utc),
+        metadata={"version": "v1", "memory_mb": 270.5},
+    )
+    return Model(**{**fields, **changes})
+
+
+def a_generation() -> Generation:
+    return Generation(
+        text="an answer",
+        model_id="test-model",
+        finish_reason="length",
+        prompt_tokens=12,
+        completion_tokens=10,
+        generation_time_s=0.25,
+        max_new_tokens=10,
+        temperature=0.1,
+    )
+
+
+class TestModel:
+    def test_round_trips_through_a_dict(self) -> None:
+        model = a_model()
+
+        assert Model.from_dict(model.to_dict()) == model
+
+    def test_round_trips_through_json(self) -> None:
+        model = a_model()
+
+        assert Model.from_dict(json.loads(json.dumps(model.to_dict()))) == model
+
+    def test_dict_has_iso_timestamps(self) -> None:
+        data = a_model().to_dict()
+
+        assert data["created_at"] == "2024-01-01T12:00:00+00:00"
+        assert data["updated_at"] == "2024-01-02T08:30:15.123456+00:00"
+
+    def test_round_trips_without_metadata(self) -> None:
+        model = a_model(metadata=None)
+
+        assert Model.from_dict(model.to_dict()) == model
+
+    def test_from_dict_fills_in_missing_metadata_with_none(self) -> None:
+        data = a_model().to_dict()
+        del data["metadata"]
+
+        assert Model.from_dict(data).metadata is None
+
+    def test_from_dict_leaves_its_argument_alone(self) -> None:
+        data = a_model().to_dict()
+        before = dict(data)
+
+        Model.from_dict(data)
+
+        assert data == before
+
+
+class TestGeneration:
+    def test_round_trips_through_a_dict(self) -> None:
+        generation = a_generation()
+
+        assert Generation.from_dict(generation.to_dict()) == generation
+
+    def test_dict_has_every_field(self) -> None:
+        assert a_generation().to_dict() == {
+            "text": "an answer",
+            "model_id": "test-model",
+            "finish_reason": "length",
+            "prompt_tokens": 12,
+            "completion_tokens": 10,
+            "generation_time_s": 0.25,
+            "max_new_tokens": 10,
+            "temperature": 0.1,
+        }
+
+
+class TestPrompt:
+    def test_round_trips_through_a_list(self) -> None:
+        prompt = Prompt((ChatMessage("system", "be brief"), ChatMessage("user", "hi")))
+
+        assert Prompt.from_list(prompt.to_list()) == prompt
+
+    def test_list_form_is_role_and_content_dicts(self) -> None:
+        prompt = Prompt((ChatMessage("system", "be brief"), ChatMessage("user", "hi")))
+
+        assert prompt.to_list() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+    def test_empty_prompt_round_trips(self) -> None:
+        assert Prompt.from_list([]) == Prompt(())
+
+
+class TestPromptBuilder:
+    def test_starts_with_the_system_prompt(self) -> None:
+        prompt = PromptBuilder("Be terse.").build("q", [])
+
+        assert prompt.messages == (ChatMessage("system", "Be terse."), ChatMessage("user", "q"))
+
+    def test_uses_the_default_system_prompt_when_given_none(self) -> None:
+        prompt = PromptBuilder().build("q", [])
+
+        assert prompt.messages[0] == ChatMessage("system", DEFAULT_SYSTEM_PROMPT)
+
+    def test_an_empty_system_prompt_leaves_only_the_user_message(self) -> None:
+        prompt = PromptBuilder("").build("q", [])
+
+        assert prompt.messages == (ChatMessage("user", "q"),)
+
+    def test_numbers_the_passages_and_puts_the_question_last(self) -> None:
+        prompt = PromptBuilder("").build("Why?", ["one", "two"])
+
+        assert prompt.messages[-1].content == "Context:\n[1] one\n[2] two\n\nQuestion: Why?"
+
+    def test_strips_passages_and_drops_blank_ones(self) -> None:
+        prompt = PromptBuilder("").build("Why?", ["  one\n", "", " \t ", "two"])
+
+        assert prompt.messages[-1].content == "Context:\n[1] one\n[2] two\n\nQuestion: Why?"
+
+    def test_is_the_query_alone_without_passages(self) -> None:
+        assert PromptBuilder("").build("Why?", []).messages[-1].content == "Why?"
+
+
+class TestGenerationLimits:
+    limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30.0)
+
+    def test_fills_what_the_request_leaves_out(self) -> None:
+        assert self.limits.params_for(None, None) == GenerationParams(
+            max_new_tokens=10, temperature=0.1, timeout_s=30.0
+        )
+
+    @pytest.mark.parametrize("max_length, expected", [(1, 1), (9, 9), (10, 10), (11, 10), (5000, 10)])
+    def test_caps_max_length_at_max_new_tokens(self, max_length: int, expected: int) -> None:
+        assert self.limits.params_for(max_length, None).max_new_tokens == expected
+
+    def test_keeps_a_zero_temperature(self) -> None:
+        params = self.limits.params_for(None, 0.0)
+
+        assert params.temperature == 0.0
+        assert params.greedy is True
+
+    def test_a_positive_temperature_is_not_greedy(self) -> None:
+        assert self.limits.params_for(None, 0.5).greedy is False
+
+
+class TestCatalog:
+    def test_gets_a_known_entry(self) -> None:
+        entry = InMemoryCatalog("a-model").get("a-model")
+
+        assert isinstance(entry, CatalogEntry)
+        assert entry.model_id == "a-model"
+
+    def test_lists_model_ids_sorted(self) -> None:
+        assert InMemoryCatalog("zeta", "alpha", "mid").model_ids() == ["alpha", "mid", "zeta"]
+
+    def test_an_unknown_id_is_not_found_with_the_sorted_available_ids(self) -> None:
+        with pytest.raises(ModelNotFoundError) as raised:
+            InMemoryCatalog("zeta", "alpha").get("nope")
+
+        assert "model_id 'nope' is not in the model store (available: alpha, zeta)" in raised.value.message
+
+    def test_not_found_says_how_to_import_the_model(self) -> None:
+        with pytest.raises(ModelNotFoundError) as raised:
+            InMemoryCatalog("alpha").get("nope")
+
+        assert "python scripts/import_model.py --from /path/to/nope --name nope" in raised.value.message
+
+    def test_not_found_in_an_empty_catalog_says_none_are_available(self) -> None:
+        with pytest.raises(ModelNotFoundError) as raised:
+            InMemoryCatalog().get("nope")
+
+        assert "(available: none)" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("max_length", "temperature", "fragment"),
+    [(0, None, "max_length: must be at least 1, got 0"), (None, 2.5, "temperature: must be between 0 and 2, got 2.5")],
+)
+def test_limits_refuse_values_no_schema_should_have_let_through(max_length, temperature, fragment):
+    limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
+    with pytest.raises(InvalidRequestError, match=fragment):
+        limits.params_for(max_length, temperature)

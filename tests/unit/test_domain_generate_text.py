@@ -1,0 +1,275 @@
+"""GenerateTextUseCase: prompt and parameters for the engine, and recovery from the recoverable errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from domain import (
+    ChatMessage,
+    GenerateText,
+    GenerateTextUseCase,
+    GenerationError,
+    InsufficientMemoryError,
+    LoadModel,
+    ModelNotFoundError,
+    ModelNotLoadedError,
+    ModelService,
+    PromptBuilder,
+)
+from tests.unit.fakes import (
+    DEFAULT_MODEL_ID,
+    LIMITS,
+    SYSTEM_PROMPT,
+    TEST_MODEL_ID,
+    FakeModelRepository,
+    FakeSystemMonitor,
+)
+
+
+def load(service: ModelService, model_id: str = DEFAULT_MODEL_ID) -> None:
+    asyncio.run(service.load_model(LoadModel(model_id, "cpu")))
+
+
+def last_prompt(repository: FakeModelRepository):
+    _, prompt, _ = repository.generations[-1]
+    return prompt
+
+
+class TestPrompt:
+    def test_has_the_system_prompt_then_the_user_message(
+        self, generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        load(service)
+
+        asyncio.run(generate_text(GenerateText("What is BentoML?", ["BentoML serves models."])))
+
+        assert last_prompt(repository).messages == (
+            ChatMessage("system", SYSTEM_PROMPT),
+            ChatMessage("user", "Context:\n[1] BentoML serves models.\n\nQuestion: What is BentoML?"),
+        )
+
+    def test_numbers_the_context_passages_in_order(
+        self, generate_text: GenerateTextUseCase, service: ModelService
+    ) -> None:
+        load(service)
+
+        generation = asyncio.run(generate_text(GenerateText("Which?", ["first", "second", "third"])))
+
+        assert generation.text == "Context:\n[1] first\n[2] second\n[3] third\n\nQuestion: Which?"
+
+    def test_is_the_query_alone_without_context(
+        self, generate_text: GenerateTextUseCase, service: ModelService
+    ) -> None:
+        load(service)
+
+        generation = asyncio.run(generate_text(GenerateText("Just the question")))
+
+        assert generation.text == "Just the question"
+
+    def test_drops_blank_passages_and_keeps_the_numbering_contiguous(
+        self, generate_text: GenerateTextUseCase, service: ModelService
+    ) -> None:
+        load(service)
+
+        generation = asyncio.run(generate_text(GenerateText("q", ["", "  a  ", "\n\t", "b"])))
+
+        assert generation.text == "Context:\n[1] a\n[2] b\n\nQuestion: q"
+
+    def test_is_the_query_alone_when_every_passage_is_blank(
+        self, generate_text: GenerateTextUseCase, service: ModelService
+    ) -> None:
+        load(service)
+
+        generation = asyncio.run(generate_text(GenerateText("q", ["", "   "])))
+
+        assert generation.text == "q"
+
+
+class TestParameters:
+    @pytest.mark.parametrize(
+        "max_length, expected",
+        [(None, 10), (1, 1), (5, 5), (10, 10), (11, 10), (5000, 10)],
+    )
+    def test_max_length_is_capped_at_max_new_tokens(
+        self, generate_text: GenerateTextUseCase, service: ModelService, max_length: int | None, expected: int
+    ) -> None:
+        load(service)
+
+        generation = asyncio.run(generate_text(GenerateText("q", max_length=max_length)))
+
+        assert generation.max_new_tokens == expected
+
+    def test_temperature_defaults_to_the_configured_one(
+        self, generate_text: GenerateTextUseCase, service: ModelService
+    ) -> None:
+        load(service)
+
+        generation = asyncio.run(generate_text(GenerateText("q")))
+
+        assert generation.temperature == LIMITS.default_temperature
+
+    @pytest.mark.parametrize("temperature", [0.0, 0.7, 2.0])
+    def test_a_given_temperature_is_kept_even_zero(
+        self, generate_text: GenerateTextUseCase, service: ModelService, temperature: float
+    ) -> None:
+        load(service)
+
+        generation = asyncio.run(generate_text(GenerateText("q", temperature=temperature)))
+
+        assert generation.temperature == temperature
+
+    def test_timeout_is_the_max_generation_time(
+        self, generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        load(service)
+
+        asyncio.run(generate_text(GenerateText("q")))
+
+        _, _, params = repository.generations[-1]
+        assert params.timeout_s == LIMITS.max_generation_time_s
+
+    def test_without_a_model_id_the_default_model_generates(
+        self, generate_text: GenerateTextUseCase, service: ModelService
+    ) -> None:
+        load(service)
+
+        assert asyncio.run(generate_text(GenerateText("q"))).model_id == DEFAULT_MODEL_ID
+
+    def test_the_requested_model_generates(self, generate_text: GenerateTextUseCase, service: ModelService) -> None:
+        load(service, TEST_MODEL_ID)
+
+        assert asyncio.run(generate_text(GenerateText("q", model_id=TEST_MODEL_ID))).model_id == TEST_MODEL_ID
+
+
+class TestRecoveryFromAModelThatIsNotLoaded:
+    def test_loads_the_model_and_generates(
+        self, generate_text: GenerateTextUseCase, repository: FakeModelRepository
+    ) -> None:
+        assert not repository.is_loaded(TEST_MODEL_ID)
+
+        generation = asyncio.run(generate_text(GenerateText("hello", model_id=TEST_MODEL_ID)))
+
+        assert generation.text == "hello"
+        assert repository.loaded == {TEST_MODEL_ID: "cpu"}
+
+    def test_loads_on_the_default_device(self, repository: FakeModelRepository) -> None:
+        service = ModelService(repository, FakeSystemMonitor(), DEFAULT_MODEL_ID, default_device="cuda:0")
+        generate_text = GenerateTextUseCase(service, repository, PromptBuilder(), LIMITS)
+
+        asyncio.run(generate_text(GenerateText("hello")))
+
+        assert repository.loaded == {DEFAULT_MODEL_ID: "cuda:0"}
+
+    def test_with_auto_load_off_the_error_reaches_the_caller(
+        self, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        generate_text = GenerateTextUseCase(service, repository, PromptBuilder(), LIMITS, auto_load=False)
+
+        with pytest.raises(ModelNotLoadedError):
+            asyncio.run(generate_text(GenerateText("hello")))
+
+        assert repository.loaded == {}
+        assert repository.generations == []
+
+    def test_the_same_error_twice_reaches_the_caller(
+        self, generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        load(service)
+        repository.fail_next_generations(ModelNotLoadedError, times=2)
+
+        with pytest.raises(ModelNotLoadedError):
+            asyncio.run(generate_text(GenerateText("hello")))
+
+        assert repository.generations == []
+
+    def test_an_unknown_model_is_not_found_and_nothing_is_loaded(
+        self, generate_text: GenerateTextUseCase, repository: FakeModelRepository
+    ) -> None:
+        with pytest.raises(ModelNotFoundError):
+            asyncio.run(generate_text(GenerateText("hello", model_id="no-such-model")))
+
+        assert repository.loaded == {}
+
+
+class TestRecoveryFromInsufficientMemory:
+    def test_optimizes_memory_and_generates(
+        self,
+        generate_text: GenerateTextUseCase,
+        service: ModelService,
+        repository: FakeModelRepository,
+        monitor: FakeSystemMonitor,
+    ) -> None:
+        load(service)
+        repository.fail_next_generations(InsufficientMemoryError)
+
+        generation = asyncio.run(generate_text(GenerateText("hello")))
+
+        assert generation.text == "hello"
+        assert monitor.optimizations == 1
+
+    def test_the_same_error_twice_reaches_the_caller_after_one_optimization(
+        self,
+        generate_text: GenerateTextUseCase,
+        service: ModelService,
+        repository: FakeModelRepository,
+        monitor: FakeSystemMonitor,
+    ) -> None:
+        load(service)
+        repository.fail_next_generations(InsufficientMemoryError, times=2)
+
+        with pytest.raises(InsufficientMemoryError):
+            asyncio.run(generate_text(GenerateText("hello")))
+
+        assert monitor.optimizations == 1
+        assert repository.generations == []
+
+    def test_a_memory_error_while_auto_loading_is_recovered_too(
+        self, generate_text: GenerateTextUseCase, repository: FakeModelRepository, monitor: FakeSystemMonitor
+    ) -> None:
+        repository.fail_next_loads(InsufficientMemoryError)
+
+        generation = asyncio.run(generate_text(GenerateText("hello")))
+
+        assert generation.text == "hello"
+        assert repository.is_loaded(DEFAULT_MODEL_ID)
+        assert monitor.optimizations == 1
+
+    def test_a_memory_error_on_every_auto_load_reaches_the_caller(
+        self, generate_text: GenerateTextUseCase, repository: FakeModelRepository, monitor: FakeSystemMonitor
+    ) -> None:
+        repository.fail_next_loads(InsufficientMemoryError, times=2)
+
+        with pytest.raises(InsufficientMemoryError):
+            asyncio.run(generate_text(GenerateText("hello")))
+
+        assert repository.loaded == {}
+        assert monitor.optimizations == 1
+
+    def test_not_loaded_and_out_of_memory_are_each_recovered_once(
+        self, generate_text: GenerateTextUseCase, repository: FakeModelRepository, monitor: FakeSystemMonitor
+    ) -> None:
+        repository.fail_next_generations(InsufficientMemoryError)  # then: not loaded, since nothing is
+
+        generation = asyncio.run(generate_text(GenerateText("hello")))
+
+        assert generation.text == "hello"
+        assert repository.is_loaded(DEFAULT_MODEL_ID)
+        assert monitor.optimizations == 1
+
+
+def test_other_errors_reach_the_caller_without_recovery(
+    generate_text: GenerateTextUseCase,
+    service: ModelService,
+    repository: FakeModelRepository,
+    monitor: FakeSystemMonitor,
+) -> None:
+    load(service)
+    repository.fail_next_generations(GenerationError)
+
+    with pytest.raises(GenerationError):
+        asyncio.run(generate_text(GenerateText("hello")))
+
+    assert monitor.optimizations == 0
+    assert repository.generations == []

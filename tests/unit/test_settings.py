@@ -1,0 +1,135 @@
+"""Settings: the specification's defaults, and a start-up error that names each bad variable."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import settings
+from domain import GenerationLimits, PromptBuilder
+from settings import ConfigurationError, Settings, get_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No variable of the host leaks into the settings, and get_settings() starts and ends uncached."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "field, expected",
+    [
+        ("device_type", "auto"),
+        ("cpu_threads", 4),
+        ("gpu_memory_fraction", 0.8),
+        ("max_workers", 8),
+        ("max_processes", 2),
+        ("max_generation_time", 30),
+        ("max_new_tokens", 10),
+        ("generation_temperature", 0.1),
+        ("max_memory_usage", 0.9),
+        ("min_memory_gb", 2),
+    ],
+)
+def test_defaults_are_the_specifications(field: str, expected: object) -> None:
+    assert getattr(Settings(), field) == expected
+
+
+def test_get_settings_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_NEW_TOKENS", "20")
+    monkeypatch.setenv("CPU_THREADS", "2")
+
+    configured = get_settings()
+
+    assert configured.max_new_tokens == 20
+    assert configured.cpu_threads == 2
+
+
+def test_get_settings_is_cached() -> None:
+    assert get_settings() is get_settings()
+
+
+def test_variable_names_are_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("max_workers", "3")
+
+    assert get_settings().max_workers == 3
+
+
+@pytest.mark.parametrize("value, expected", [("CPU", "cpu"), (" cuda:1 ", "cuda:1"), ("mps", "mps"), ("cuda", "cuda")])
+def test_device_type_is_normalized(monkeypatch: pytest.MonkeyPatch, value: str, expected: str) -> None:
+    monkeypatch.setenv("DEVICE_TYPE", value)
+
+    assert get_settings().device_type == expected
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("CPU_THREADS", "abc"),
+        ("CPU_THREADS", "0"),
+        ("GPU_MEMORY_FRACTION", "1.5"),
+        ("GPU_MEMORY_FRACTION", "0"),
+        ("DEVICE_TYPE", "tpu"),
+        ("MAX_NEW_TOKENS", "-1"),
+        ("GENERATION_TEMPERATURE", "2.5"),
+        ("MAX_MEMORY_USAGE", "1.2"),
+        ("MODEL_DTYPE", "int4"),
+        ("DEFAULT_MODEL_ID", "Bad/Id"),
+    ],
+)
+def test_a_bad_value_stops_start_up_naming_the_variable_and_the_value(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    with pytest.raises(ConfigurationError) as raised:
+        get_settings()
+
+    message = str(raised.value)
+    assert message.startswith("invalid configuration: ")
+    assert f"{variable}={value!r}" in message
+
+
+def test_a_configuration_error_is_a_system_exit() -> None:
+    assert issubclass(ConfigurationError, SystemExit)
+
+
+def test_every_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CPU_THREADS", "abc")
+    monkeypatch.setenv("DEVICE_TYPE", "tpu")
+
+    with pytest.raises(ConfigurationError) as raised:
+        get_settings()
+
+    assert "CPU_THREADS='abc'" in str(raised.value)
+    assert "DEVICE_TYPE='tpu'" in str(raised.value)
+
+
+def test_a_bad_device_names_the_allowed_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEVICE_TYPE", "tpu")
+
+    with pytest.raises(ConfigurationError) as raised:
+        get_settings()
+
+    assert settings.DEVICE_NAMES in str(raised.value)
+
+
+def test_generation_limits_come_from_the_settings() -> None:
+    configured = Settings(max_new_tokens=7, generation_temperature=0.3, max_generation_time=12.5)
+
+    assert configured.generation_limits == GenerationLimits(
+        max_new_tokens=7, default_temperature=0.3, max_generation_time_s=12.5
+    )
+
+
+def test_the_prompt_builder_uses_the_system_prompt() -> None:
+    builder = Settings(system_prompt="Be terse.").prompt_builder
+
+    assert isinstance(builder, PromptBuilder)
+    assert builder.build("q", []).messages[0].content == "Be terse."

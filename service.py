@@ -69,7 +69,7 @@ routes = Starlette(
     name="ai-model",
     workers=settings.max_processes,
     traffic={"timeout": HTTP_TIMEOUT_S},
-    http={"port": settings.port},
+    http={"host": settings.host, "port": settings.port},
 )
 @bentoml.asgi_app(routes, path="/")
 class AIModelService:

@@ -58,17 +58,16 @@ class GenerationEngine:
         from . import memory
         from .devices import configure_torch
         from .repository import TransformersModelRepository
+        from .watchdog import MemoryWatchdog
 
         self.memory = memory
         configure_torch(settings.cpu_threads, settings.gpu_memory_fraction)
         self.executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="engine")
         self.catalog = BentoModelStoreCatalog()
-        self.repository = TransformersModelRepository(
-            self.catalog,
-            self.executor,
-            memory.MemoryLimits(settings.max_memory_usage, settings.min_memory_gb, settings.gpu_memory_fraction),
-            dtype=settings.model_dtype,
-        )
+        limits = memory.MemoryLimits(settings.max_memory_usage, settings.min_memory_gb, settings.gpu_memory_fraction)
+        self.repository = TransformersModelRepository(self.catalog, self.executor, limits, dtype=settings.model_dtype)
+        self.watchdog = MemoryWatchdog(self.repository, limits, keep={settings.default_model_id})
+        self.watchdog.start()
         self.preload: Future | None = None
         if settings.preload_default_model:
             self.preload = self.executor.submit(self.repository.load_blocking, settings.default_model_id, settings.device_type)
@@ -78,6 +77,10 @@ class GenerationEngine:
     def _report_preload(done: Future) -> None:
         if done.exception() is not None:
             logger.error("preloading the default model failed: %s", done.exception())
+
+    @bentoml.on_shutdown
+    def stop_watchdog(self) -> None:
+        self.watchdog.stop()
 
     async def __is_ready__(self) -> bool:
         return self.preload is None or self.preload.done()

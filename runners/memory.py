@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -22,11 +23,41 @@ MIB = 1024**2
 LOAD_OVERHEAD = 1.2
 
 
+CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
+CGROUP_USAGE = Path("/sys/fs/cgroup/memory.current")
+
+
 @dataclass(frozen=True)
 class MemoryLimits:
     max_usage_fraction: float
     min_free_gb: float
     gpu_memory_fraction: float
+
+
+@dataclass(frozen=True)
+class SystemMemory:
+    total: int
+    available: int
+
+    @property
+    def used_fraction(self) -> float:
+        return 1 - self.available / self.total
+
+    def over(self, limits: MemoryLimits) -> bool:
+        return self.used_fraction > limits.max_usage_fraction or self.available < limits.min_free_gb * GIB
+
+
+def system_memory() -> SystemMemory:
+    """The machine's memory, or the container's when a cgroup limit is lower (psutil sees only the host)."""
+    host = psutil.virtual_memory()
+    try:
+        limit = int(CGROUP_LIMIT.read_text())  # "max" (no limit) fails here, and so does a missing cgroup v2
+        usage = int(CGROUP_USAGE.read_text())
+    except (OSError, ValueError):
+        return SystemMemory(host.total, host.available)
+    if limit >= host.total:
+        return SystemMemory(host.total, host.available)
+    return SystemMemory(limit, min(max(limit - usage, 0), host.available))
 
 
 def _mib(value: float) -> float:
@@ -76,14 +107,14 @@ def release_freed_memory() -> dict[str, Any]:
 def process_memory() -> dict[str, Any]:
     process = psutil.Process()
     info = process.memory_info()
-    system = psutil.virtual_memory()
+    system = system_memory()
     return {
         "rss_mb": _mib(info.rss),
         "vms_mb": _mib(info.vms),
-        "percent": round(process.memory_percent(), 2),
+        "percent": round(info.rss / system.total * 100, 2),
         "system_total_mb": _mib(system.total),
         "system_available_mb": _mib(system.available),
-        "system_used_percent": system.percent,
+        "system_used_percent": round(system.used_fraction * 100, 1),
         "gpu": gpu_memory(),
     }
 
@@ -126,7 +157,7 @@ def check_room_for(model_id: str, footprint: int, device: str, limits: MemoryLim
                 f"{min(free, allowed) / GIB:.2f} GB is free within GPU_MEMORY_FRACTION={limits.gpu_memory_fraction}"
             )
         return
-    system = psutil.virtual_memory()
+    system = system_memory()
     left = system.available - footprint
     if left < limits.min_free_gb * GIB:
         raise InsufficientMemoryError(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import datetime, timezone
@@ -58,6 +59,7 @@ class TransformersModelRepository(ModelRepository):
         self._changed_at: dict[str, datetime] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._active: Counter[str] = Counter()
 
     # The async port, for the engine's event loop.
 
@@ -107,6 +109,8 @@ class TransformersModelRepository(ModelRepository):
         if loaded is None:
             self._catalog.get(model_id)  # an unknown id is "not found", not "not loaded"
             raise ModelNotLoadedError.for_id(model_id)
+        with self._locks_guard:
+            self._active[model_id] += 1
         try:
             return generation.generate(loaded, prompt, params)
         except ModelServiceError:
@@ -116,6 +120,24 @@ class TransformersModelRepository(ModelRepository):
         except Exception as exc:
             logger.exception("generation with %s failed", model_id)
             raise GenerationError(f"generation with {model_id!r} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            with self._locks_guard:
+                self._active[model_id] -= 1
+
+    def idle_models(self) -> list[str]:
+        """Loaded models that no generation is using, least recently used first."""
+        with self._locks_guard:
+            idle = [loaded for model_id, loaded in self._loaded.items() if self._active[model_id] == 0]
+        return [loaded.model_id for loaded in sorted(idle, key=lambda loaded: loaded.last_used_at)]
+
+    def unload_if_idle(self, model_id: str) -> bool:
+        with self._lock_for(model_id):
+            with self._locks_guard:
+                if model_id not in self._loaded or self._active[model_id]:
+                    return False
+            self._drop(model_id)
+            self._changed_at[model_id] = _now()
+            return True
 
     def loaded(self, model_id: str) -> LoadedModel | None:
         return self._loaded.get(model_id)

@@ -7,6 +7,8 @@ import threading
 
 import psutil
 import pytest
+import torch
+from transformers import StoppingCriteria
 
 from domain import (
     DeviceNotAvailableError,
@@ -18,10 +20,11 @@ from domain import (
     ModelNotLoadedError,
     PromptBuilder,
 )
-from runners.memory import MemoryLimits
+from runners.memory import MemoryLimits, SystemMemory
 from runners.repository import TransformersModelRepository
+from runners.watchdog import MemoryWatchdog
 
-from .support import BUNDLED_MODEL_ID, TINY_QWEN_ID, DirectoryCatalog
+from .support import BUNDLED_MODEL_ID, ROOMY, TINY_QWEN_ID, DirectoryCatalog
 
 FRANCE = PromptBuilder().build("What is the capital of France? Answer in one sentence.", [])
 GREEDY = GenerationParams(max_new_tokens=20, temperature=0.0, timeout_s=60)
@@ -141,3 +144,39 @@ def test_tiny_qwen2_model_loads_and_generates_deterministically(repository):
     assert first.completion_tokens >= 1
     assert first.text == second.text
     assert run(repository.unload_model(TINY_QWEN_ID)).is_loaded is False
+
+
+def test_watchdog_unloads_idle_models_least_recently_used_first_but_keeps_the_default(repository):
+    run(repository.load_model(TINY_QWEN_ID, "cpu"))
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY))  # the bundled model is the more recent
+    pressure = iter([SystemMemory(100, 1), SystemMemory(100, 1), SystemMemory(100, 1), SystemMemory(100, 50)])
+    watchdog = MemoryWatchdog(repository, ROOMY, keep={BUNDLED_MODEL_ID}, measure=lambda: next(pressure))
+    assert repository.idle_models() == [TINY_QWEN_ID, BUNDLED_MODEL_ID]
+    assert watchdog.check() == [TINY_QWEN_ID]
+    assert repository.loaded(TINY_QWEN_ID) is None and repository.loaded(BUNDLED_MODEL_ID) is not None
+
+
+def test_watchdog_does_nothing_within_the_limits(repository):
+    run(repository.load_model(TINY_QWEN_ID, "cpu"))
+    watchdog = MemoryWatchdog(repository, ROOMY, keep=set(), measure=lambda: SystemMemory(100 * 2**30, 80 * 2**30))
+    assert watchdog.check() == []
+    assert repository.loaded(TINY_QWEN_ID) is not None
+
+
+def test_a_model_in_use_is_never_unloaded_by_the_watchdog(repository):
+    run(repository.load_model(TINY_QWEN_ID, "cpu"))
+    unloaded_during_generation = []
+    watchdog = MemoryWatchdog(repository, ROOMY, keep=set(), measure=lambda: SystemMemory(100, 1))
+
+    class CheckDuringGeneration(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            unloaded_during_generation.extend(watchdog.check())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    loaded = repository.loaded(TINY_QWEN_ID)
+    original = loaded.model.generate
+    loaded.model.generate = lambda **kw: original(**{**kw, "stopping_criteria": kw["stopping_criteria"] + [CheckDuringGeneration()]})
+    run(repository.generate_text(TINY_QWEN_ID, FRANCE, GenerationParams(3, 0.0, 60)))
+    assert unloaded_during_generation == []
+    assert watchdog.check() == [TINY_QWEN_ID]

@@ -86,6 +86,11 @@ class AIModelService:
     async def generate(self, **request: Any) -> GenerateResponse:
         return await answer(self._generate(GenerateText(**request)))
 
+    @bentoml.task(route="/generate-task", input_spec=GenerateRequest)
+    async def generate_task(self, **request: Any) -> GenerateResponse:
+        """Submit-and-poll generation: POST /generate-task/submit, then GET /generate-task/status and /get."""
+        return await answer(self._generate(GenerateText(**request)))
+
     @bentoml.api(route="/load-model", input_spec=LoadModelRequest)
     async def load_model(self, **request: Any) -> ModelStateResponse:
         return await answer(self._model_state("loaded", self.models.load_model(LoadModel(**request))))
@@ -129,6 +134,12 @@ class AIModelService:
 
 AIModelService.add_asgi_middleware(
     RequestValidationMiddleware,
-    schemas={"/generate": GenerateRequest, "/load-model": LoadModelRequest, "/unload-model": UnloadModelRequest},
+    schemas={
+        "/generate": GenerateRequest,
+        "/generate-task": GenerateRequest,
+        "/generate-task/submit": GenerateRequest,
+        "/load-model": LoadModelRequest,
+        "/unload-model": UnloadModelRequest,
+    },
     max_body_bytes=MAX_BODY_BYTES,
 )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from http import HTTPStatus
 
 import bentoml
+import httpx
 import pytest
 from bentoml.exceptions import BentoMLException
 
@@ -54,3 +56,35 @@ def test_async_client_serves_concurrent_requests(url):
 
     answers = asyncio.run(ask_three())
     assert all("Paris" in answer["result"] for answer in answers)
+
+
+def test_task_api_submits_and_polls_a_generation(url):
+    # AsyncHTTPClient: SyncHTTPClient's submit fails in BentoML 1.4.39 (it closes `self._opened_files`,
+    # which it does not have), after the task was sent.
+    async def submit_and_poll() -> tuple[str, dict]:
+        async with bentoml.AsyncHTTPClient(url, timeout=120) as client:
+            task = await client.generate_task.submit(query=FRANCE, temperature=0)
+            deadline = time.monotonic() + 60
+            while (await task.get_status()).value == "in_progress" and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            return (await task.get_status()).value, await task.get()
+
+    status, answer = asyncio.run(submit_and_poll())
+    assert status == "completed"
+    assert "Paris" in answer["result"]
+
+
+def test_task_api_reports_a_failed_generation_with_its_error(url):
+    with httpx.Client(base_url=url, timeout=30) as http:
+        submitted = http.post("/generate-task/submit", json={"query": "hi", "model_id": "no-such-model"})
+        assert submitted.status_code == 200, submitted.text
+        task_id = submitted.json()["task_id"]
+        deadline = time.monotonic() + 30
+        while http.get("/generate-task/status", params={"task_id": task_id}).json()["status"] == "in_progress":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert http.get("/generate-task/status", params={"task_id": task_id}).json()["status"] == "failed"
+        result = http.get("/generate-task/get", params={"task_id": task_id})
+        assert result.status_code == 404 and result.json()["error_type"] == "model_not_found"
+        invalid = http.post("/generate-task/submit", json={"query": ""})
+        assert invalid.status_code == 422 and "query" in invalid.json()["error"]

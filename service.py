@@ -34,7 +34,6 @@ from settings import get_settings
 
 settings = get_settings()
 GenerateRequest, LoadModelRequest, UnloadModelRequest = request_schemas(settings)
-MAX_BODY_BYTES = settings.max_query_chars * 4 + settings.max_context_items * settings.max_context_item_chars * 4 + 65536
 # The engine enforces MAX_GENERATION_TIME inside generation; this only catches a stuck hop.
 HTTP_TIMEOUT_S = int(settings.max_generation_time) + 60
 
@@ -126,7 +125,7 @@ class AIModelService:
     @staticmethod
     async def _model_state(status: str, operation: Awaitable) -> ModelStateResponse:
         model = await operation
-        return ModelStateResponse(status=status, model=model.to_dict())
+        return ModelStateResponse(status=status, model=model)
 
     async def _optimized(self) -> OptimizeMemoryResponse:
         return OptimizeMemoryResponse(status="optimized", **await self.models.optimize_memory(OptimizeMemory()))
@@ -141,5 +140,5 @@ AIModelService.add_asgi_middleware(
         "/load-model": LoadModelRequest,
         "/unload-model": UnloadModelRequest,
     },
-    max_body_bytes=MAX_BODY_BYTES,
+    max_body_bytes=settings.max_body_bytes,
 )

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def max_body_bytes(self) -> int:
+        """The largest body the text limits allow: 4 bytes a UTF-8 character, and room for the other fields."""
+        characters = self.max_query_chars + self.max_context_items * self.max_context_item_chars
+        return characters * 4 + 64 * 1024
+
+    @property
     def generation_limits(self) -> GenerationLimits:
         return GenerationLimits(
             max_new_tokens=self.max_new_tokens,

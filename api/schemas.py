@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from domain import Model
 from domain.generation import MAX_TEMPERATURE
 from settings import DEVICE_NAMES, MODEL_ID_PATTERN, Settings, validate_device
 
@@ -66,18 +67,6 @@ def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], t
     return GenerateRequest, LoadModelRequest, UnloadModelRequest
 
 
-class ModelInfo(BaseModel):
-    id: str
-    name: str
-    type: str
-    device: str
-    is_loaded: bool
-    path: str
-    created_at: str
-    updated_at: str
-    metadata: dict[str, Any] | None = None
-
-
 class GenerateResponse(BaseModel):
     result: str
     model_id: str
@@ -93,7 +82,7 @@ class GenerateResponse(BaseModel):
 
 class ModelStateResponse(BaseModel):
     status: str
-    model: ModelInfo
+    model: Model
 
 
 class OptimizeMemoryResponse(BaseModel):

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(32_000, ge=1)
     max_context_items: int = Field(64, ge=0)
     max_context_item_chars: int = Field(32_000, ge=1)
+    # Batching (measured defaults: BENCHMARKS.md).
+    max_batch_size: int = Field(32, ge=1, le=1024, description="sequences per batch step; 1 turns batching off")
+    batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long an idle engine waits to gather a burst")
+    prefill_token_budget: int = Field(512, ge=16, le=65536, description="prompt tokens computed per batch step")
+    kv_cache_mb: int = Field(1024, ge=16, description="memory for each loaded model's KV cache (MiB)")
     host: str = "127.0.0.1"
     port: int = Field(8003, ge=1, le=65535)
 

@@ -15,6 +15,7 @@ STATUS_BY_ERROR_TYPE = {
     "payload_too_large": 413,
     "model_not_found": 404,
     "model_not_loaded": 503,
+    "model_unloading": 503,
     "device_not_available": 503,
     "insufficient_memory": 507,
     "generation_timeout": 504,

@@ -14,6 +14,7 @@ from .errors import (
     ModelNotFoundError,
     ModelNotLoadedError,
     ModelServiceError,
+    ModelUnloadingError,
     error_from_type,
 )
 from .generation import ChatMessage, Generation, GenerationLimits, GenerationParams, Prompt
@@ -44,6 +45,7 @@ __all__ = [
     "ModelRepository",
     "ModelService",
     "ModelServiceError",
+    "ModelUnloadingError",
     "OptimizeMemory",
     "Prompt",
     "PromptBuilder",

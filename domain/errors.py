@@ -37,6 +37,12 @@ class ModelNotLoadedError(ModelServiceError):
         return cls(f"model {model_id!r} is not loaded; load it with POST /load-model {{\"model_id\": \"{model_id}\"}}")
 
 
+class ModelUnloadingError(ModelServiceError):
+    """The model was unloaded while this request was waiting or generating."""
+
+    error_type = "model_unloading"
+
+
 class DeviceNotAvailableError(ModelServiceError):
     error_type = "device_not_available"
 
@@ -62,6 +68,7 @@ ERROR_KINDS: dict[str, type[ModelServiceError]] = {
         InvalidRequestError,
         ModelNotFoundError,
         ModelNotLoadedError,
+        ModelUnloadingError,
         DeviceNotAvailableError,
         InsufficientMemoryError,
         GenerationError,

@@ -70,6 +70,8 @@ class Generation:
     generation_time_s: float
     max_new_tokens: int
     temperature: float
+    time_to_first_token_s: float = 0.0
+    cached_prompt_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

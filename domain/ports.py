@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 from typing import Any
 
+from .errors import GenerationError
 from .generation import Generation, GenerationParams, Prompt
 from .model import Model
 
@@ -19,8 +21,16 @@ class ModelRepository(abc.ABC):
         """Frees the model's memory; unloading a model that is not loaded is a no-op."""
 
     @abc.abstractmethod
+    def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
+        """Yields the text as it is generated, then the whole Generation. Raises ModelNotLoadedError,
+        before yielding anything, when the model is not in memory. Closing the iterator early
+        cancels the generation."""
+
     async def generate_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> Generation:
-        """Raises ModelNotLoadedError when the model is not in memory."""
+        async for item in self.stream_text(model_id, prompt, params):
+            if isinstance(item, Generation):
+                return item
+        raise GenerationError(f"generation with {model_id!r} ended without a result")
 
     @abc.abstractmethod
     async def get_model(self, model_id: str) -> Model: ...

@@ -1,19 +1,23 @@
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from .commands import GenerateText, LoadModel, OptimizeMemory
 from .errors import InsufficientMemoryError, ModelNotLoadedError
-from .generation import Generation, GenerationLimits
+from .generation import Generation, GenerationLimits, GenerationParams, Prompt
 from .ports import ModelRepository
 from .prompt import PromptBuilder
 from .services import ModelService
+
+T = TypeVar("T")
 
 
 class GenerateTextUseCase:
     """Generates an answer to a query with its context, recovering once from each recoverable error:
     a model that is not loaded is loaded (when auto-load is on), a lack of memory is met by
-    optimizing memory; anything else, or the same error twice, reaches the caller."""
+    optimizing memory; anything else, or the same error twice, reaches the caller. A stream
+    recovers only before its first piece of text."""
 
     def __init__(
         self,
@@ -30,24 +34,34 @@ class GenerateTextUseCase:
         self._auto_load = auto_load
 
     async def __call__(self, command: GenerateText) -> Generation:
-        model_id = self._models.resolve_model_id(command.model_id)
-        prompt = self._prompts.build(command.query, command.context)
-        params = self._limits.params_for(command.max_length, command.temperature)
+        model_id, prompt, params = self._prepare(command)
+        return await self._recovering(model_id, lambda: self._repository.generate_text(model_id, prompt, params))
 
-        async def generate() -> Generation:
-            return await self._repository.generate_text(model_id, prompt, params)
+    async def stream(self, command: GenerateText) -> AsyncIterator[str | Generation]:
+        model_id, prompt, params = self._prepare(command)
 
-        async def load_then_generate() -> Generation:
+        async def first_item() -> tuple[str | Generation, AsyncIterator[str | Generation]]:
+            items = aiter(self._repository.stream_text(model_id, prompt, params))
+            return await anext(items), items
+
+        first, rest = await self._recovering(model_id, first_item)
+        yield first
+        async for item in rest:
+            yield item
+
+    def _prepare(self, command: GenerateText) -> tuple[str, Prompt, GenerationParams]:
+        return (
+            self._models.resolve_model_id(command.model_id),
+            self._prompts.build(command.query, command.context),
+            self._limits.params_for(command.max_length, command.temperature),
+        )
+
+    async def _recovering(self, model_id: str, operation: Callable[[], Awaitable[T]]) -> T:
+        async def load_then_operate() -> T:
             await self._models.load_model(LoadModel(model_id))
-            return await generate()
+            return await operation()
 
-        return await self._recovering(generate, load_then_generate)
-
-    async def _recovering(
-        self,
-        attempt: Callable[[], Awaitable[Generation]],
-        load_then_attempt: Callable[[], Awaitable[Generation]],
-    ) -> Generation:
+        attempt = operation
         loaded = optimized = False
         while True:
             try:
@@ -55,7 +69,7 @@ class GenerateTextUseCase:
             except ModelNotLoadedError:
                 if loaded or not self._auto_load:
                     raise
-                loaded, attempt = True, load_then_attempt
+                loaded, attempt = True, load_then_operate
             except InsufficientMemoryError:
                 if optimized:
                     raise

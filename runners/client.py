@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from domain import (
@@ -13,6 +16,15 @@ from domain import (
     SystemMonitor,
     error_from_type,
 )
+
+
+def decode_line(line: str) -> str | Generation:
+    message = json.loads(line)
+    if "error_type" in message:
+        raise error_from_type(message["error_type"], message["error"])
+    if "generation" in message:
+        return Generation.from_dict(message["generation"])
+    return message["text"]
 
 
 def unwrap(reply: dict[str, Any]) -> Any:
@@ -39,15 +51,21 @@ class EngineClient(ModelRepository, SystemMonitor):
     async def list_models(self) -> list[Model]:
         return [Model.from_dict(model) for model in unwrap(await self._engine.list_models())]
 
-    async def generate_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> Generation:
-        reply = await self._engine.generate_text(
+    async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
+        lines = self._engine.stream_text(
             model_id=model_id,
             messages=prompt.to_list(),
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
             timeout_s=params.timeout_s,
         )
-        return Generation.from_dict(unwrap(reply))
+        buffered = ""
+        async with aclosing(lines):  # leaving early closes the connection, which cancels the generation
+            async for chunk in lines:
+                buffered += chunk
+                *complete, buffered = buffered.split("\n")
+                for line in complete:
+                    yield decode_line(line)
 
     async def memory_usage(self) -> dict[str, Any]:
         return unwrap(await self._engine.memory_usage())

@@ -8,15 +8,16 @@ domain errors cross the process boundary intact and become the right HTTP status
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import bentoml
 
-from domain import GenerationParams, ModelServiceError, Prompt
+from domain import Generation, GenerationParams, ModelServiceError, Prompt
 from settings import ConfigurationError, get_settings
 
 from .store import BentoModelStoreCatalog
@@ -57,7 +58,7 @@ class GenerationEngine:
         # and need neither torch nor transformers.
         from . import memory
         from .devices import configure_torch
-        from .repository import TransformersModelRepository
+        from .repository import BatchingOptions, TransformersModelRepository
         from .watchdog import MemoryWatchdog
 
         self.memory = memory
@@ -65,7 +66,15 @@ class GenerationEngine:
         self.executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="engine")
         self.catalog = BentoModelStoreCatalog()
         limits = memory.MemoryLimits(settings.max_memory_usage, settings.min_memory_gb, settings.gpu_memory_fraction)
-        self.repository = TransformersModelRepository(self.catalog, self.executor, limits, dtype=settings.model_dtype)
+        batching = BatchingOptions(
+            max_batch_size=settings.max_batch_size,
+            prefill_budget=settings.prefill_token_budget,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            kv_cache_bytes=settings.kv_cache_mb * 2**20,
+        )
+        self.repository = TransformersModelRepository(
+            self.catalog, self.executor, limits, dtype=settings.model_dtype, batching=batching
+        )
         self.watchdog = MemoryWatchdog(self.repository, limits, keep={settings.default_model_id})
         self.watchdog.start()
         self.preload: Future | None = None
@@ -105,15 +114,19 @@ class GenerationEngine:
         return await reply(models())
 
     @bentoml.api
-    async def generate_text(
+    async def stream_text(
         self, model_id: str, messages: list[dict[str, str]], max_new_tokens: int, temperature: float, timeout_s: float
-    ) -> Reply:
-        async def generate() -> dict:
-            params = GenerationParams(max_new_tokens, temperature, timeout_s)
-            generation = await self.repository.generate_text(model_id, Prompt.from_list(messages), params)
-            return generation.to_dict()
+    ) -> AsyncGenerator[str, None]:
+        """Newline-delimited JSON: `{"text"}` as tokens come, then `{"generation"}`, or `{"error", "error_type"}`.
 
-        return await reply(generate())
+        When the caller disconnects, BentoML closes this generator and the sequence leaves its batch."""
+        params = GenerationParams(max_new_tokens, temperature, timeout_s)
+        try:
+            async for item in self.repository.stream_text(model_id, Prompt.from_list(messages), params):
+                message = {"generation": item.to_dict()} if isinstance(item, Generation) else {"text": item}
+                yield json.dumps(message) + "\n"
+        except ModelServiceError as error:
+            yield json.dumps({"error": error.message, "error_type": error.error_type}) + "\n"
 
     @bentoml.api
     async def memory_usage(self) -> Reply:

@@ -1,16 +1,20 @@
-"""One generation on a loaded model: chat template, context-window check, deadline inside the loop."""
+"""A loaded model and what a generation on it needs: prompt encoding, the context-window check,
+the bridge from the scheduler thread to the event loop, and incremental detokenization."""
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from domain import Generation, GenerationParams, GenerationTimeoutError, InvalidRequestError, Prompt
+from domain import InvalidRequestError, Prompt
+
+from .kv_cache import PagedKVCache
+from .scheduler import BatchScheduler, Event, FinishEvent
 
 
 @dataclass
@@ -22,39 +26,31 @@ class LoadedModel:
     dtype: torch.dtype
     load_time_s: float
     memory_bytes: int
+    cache: PagedKVCache
+    scheduler: BatchScheduler
     loaded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     last_used_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
-
-    @property
-    def eos_token_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        ids = set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+        return context_length(self.model)
 
 
-class StopWhen(StoppingCriteria):
-    """Ends generation at the deadline or when the caller cancels; checked after every decode step."""
-
-    def __init__(self, deadline: float, cancelled: threading.Event | None = None) -> None:
-        self.deadline = deadline
-        self.cancelled = cancelled or threading.Event()
-        self.expired = False
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        self.expired = time.monotonic() >= self.deadline
-        stop = self.expired or self.cancelled.is_set()
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+def context_length(model: PreTrainedModel) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 2048)
 
 
-def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> torch.Tensor:
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> list[int]:
     text = loaded.tokenizer.apply_chat_template(prompt.to_list(), tokenize=False, add_generation_prompt=True)
-    return loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def check_context_window(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -66,45 +62,42 @@ def check_context_window(loaded: LoadedModel, prompt_tokens: int, max_new_tokens
         )
 
 
-def sampling_arguments(params: GenerationParams) -> dict:
-    if params.greedy:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": params.temperature, "top_p": None, "top_k": None}
+class EventStream:
+    """Scheduler events for one sequence, handed from the scheduler thread to the asking event loop."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(self, event: Event) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, FinishEvent):
+                return
 
 
-def generate(loaded: LoadedModel, prompt: Prompt, params: GenerationParams, cancelled: threading.Event | None = None) -> Generation:
-    started = time.perf_counter()
-    deadline = time.monotonic() + params.timeout_s
-    input_ids = encode_prompt(loaded, prompt)
-    prompt_tokens = input_ids.shape[1]
-    check_context_window(loaded, prompt_tokens, params.max_new_tokens)
-    stop = StopWhen(deadline, cancelled)
-    eos_ids = loaded.eos_token_ids
-    with torch.inference_mode():
-        output = loaded.model.generate(
-            input_ids=input_ids.to(loaded.device),
-            attention_mask=torch.ones_like(input_ids).to(loaded.device),
-            max_new_tokens=params.max_new_tokens,
-            stopping_criteria=StoppingCriteriaList([stop]),
-            pad_token_id=min(eos_ids) if eos_ids else None,
-            **sampling_arguments(params),
-        )
-    if stop.expired:
-        raise GenerationTimeoutError(
-            f"generation passed MAX_GENERATION_TIME={params.timeout_s:g}s and was stopped; "
-            f"ask for fewer tokens (max_length) or raise MAX_GENERATION_TIME"
-        )
-    new_tokens = output[0, prompt_tokens:].tolist()
-    ended_on_eos = bool(new_tokens) and new_tokens[-1] in eos_ids
-    completion = [token for token in new_tokens if token not in eos_ids]
-    loaded.last_used_at = datetime.now(timezone.utc)
-    return Generation(
-        text=loaded.tokenizer.decode(completion, skip_special_tokens=True).strip(),
-        model_id=loaded.model_id,
-        finish_reason="stop" if ended_on_eos or len(new_tokens) < params.max_new_tokens else "length",
-        prompt_tokens=prompt_tokens,
-        completion_tokens=len(new_tokens),
-        generation_time_s=round(time.perf_counter() - started, 4),
-        max_new_tokens=params.max_new_tokens,
-        temperature=params.temperature,
-    )
+class IncrementalDecoder:
+    """Text deltas from token ids, holding back bytes of a character that is not complete yet."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        decode = self._tokenizer.decode
+        before = decode(self.token_ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        after = decode(self.token_ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        return after[len(before) :]
+
+    def text(self) -> str:
+        return self._tokenizer.decode(self.token_ids, skip_special_tokens=True).strip()

@@ -7,8 +7,9 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -21,40 +22,71 @@ from domain import (
     Generation,
     GenerationError,
     GenerationParams,
+    GenerationTimeoutError,
     InsufficientMemoryError,
+    InvalidRequestError,
     Model,
     ModelCatalog,
     ModelNotLoadedError,
     ModelRepository,
-    ModelServiceError,
+    ModelUnloadingError,
     Prompt,
 )
 
-from . import generation
+from . import paged_attention
 from .devices import dtype_for, resolve_device
-from .generation import LoadedModel
+from .generation import (
+    EventStream,
+    IncrementalDecoder,
+    LoadedModel,
+    check_context_window,
+    encode_prompt,
+    eos_token_ids,
+)
+from .kv_cache import BLOCK_SIZE, PagedKVCache
 from .memory import MemoryLimits, check_room_for, estimate_footprint, release_freed_memory
+from .scheduler import BatchScheduler, FinishEvent, SamplingRequest, TokenEvent
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+UNLOADED = "the model was unloaded"
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class TransformersModelRepository(ModelRepository):
-    """Loads store models with transformers and generates with them on the engine's threads.
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int = 32
+    prefill_budget: int = 512
+    batch_wait_s: float = 0.0
+    kv_cache_bytes: int = 1 << 30
 
-    The blocking work runs on `executor` so the engine's event loop keeps serving; loads and unloads
-    of one model are serialized by a per-model lock, so two concurrent loads load it once.
+
+class TransformersModelRepository(ModelRepository):
+    """Loads store models with transformers; each loaded model gets a paged KV cache and a batch
+    scheduler thread that runs every generation on it.
+
+    Loads run on `executor` so the engine's event loop keeps serving; loads and unloads of one
+    model are serialized by a per-model lock, so two concurrent loads load it once.
     """
 
-    def __init__(self, catalog: ModelCatalog, executor: Executor, memory_limits: MemoryLimits, dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        executor: Executor,
+        memory_limits: MemoryLimits,
+        dtype: str = "auto",
+        batching: BatchingOptions = BatchingOptions(),
+    ) -> None:
         self._catalog = catalog
         self._executor = executor
         self._memory_limits = memory_limits
         self._dtype_setting = dtype
+        self._batching = batching
         self._loaded: dict[str, LoadedModel] = {}
         self._changed_at: dict[str, datetime] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -69,8 +101,37 @@ class TransformersModelRepository(ModelRepository):
     async def unload_model(self, model_id: str) -> Model:
         return await self._off_loop(lambda: self.unload_blocking(model_id))
 
-    async def generate_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> Generation:
-        return await self._off_loop(lambda: self.generate_blocking(model_id, prompt, params))
+    async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
+        loaded = self._loaded.get(model_id)
+        if loaded is None:
+            self._catalog.get(model_id)  # an unknown id is "not found", not "not loaded"
+            raise ModelNotLoadedError.for_id(model_id)
+        started = time.perf_counter()
+        prompt_ids = await self._off_loop(lambda: encode_prompt(loaded, prompt))
+        check_context_window(loaded, len(prompt_ids), params.max_new_tokens)
+        request = SamplingRequest(prompt_ids, params.max_new_tokens, params.temperature, time.monotonic() + params.timeout_s)
+        self._check_cache_room(loaded, request)
+        events = EventStream()
+        decoder = IncrementalDecoder(loaded.tokenizer)
+        with self._locks_guard:
+            self._active[model_id] += 1
+        sequence = loaded.scheduler.submit(request, events.sink)
+        finish, first_token_at = None, None
+        try:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    first_token_at = first_token_at or time.perf_counter()
+                    if delta := decoder.push(event.token_id):
+                        yield delta
+                else:
+                    finish = event
+        finally:
+            if finish is None:
+                sequence.cancel()  # the caller left: its batch slot frees at the next step
+            with self._locks_guard:
+                self._active[model_id] -= 1
+            loaded.last_used_at = _now()
+        yield self._result(loaded, params, finish, decoder, started, first_token_at)
 
     async def get_model(self, model_id: str) -> Model:
         return self._describe(self._catalog.get(model_id))
@@ -104,26 +165,6 @@ class TransformersModelRepository(ModelRepository):
                 self._changed_at[model_id] = _now()
         return self._describe(entry)
 
-    def generate_blocking(self, model_id: str, prompt: Prompt, params: GenerationParams) -> Generation:
-        loaded = self._loaded.get(model_id)
-        if loaded is None:
-            self._catalog.get(model_id)  # an unknown id is "not found", not "not loaded"
-            raise ModelNotLoadedError.for_id(model_id)
-        with self._locks_guard:
-            self._active[model_id] += 1
-        try:
-            return generation.generate(loaded, prompt, params)
-        except ModelServiceError:
-            raise
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            raise InsufficientMemoryError(f"out of memory while generating with {model_id!r}: {exc}") from exc
-        except Exception as exc:
-            logger.exception("generation with %s failed", model_id)
-            raise GenerationError(f"generation with {model_id!r} failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            with self._locks_guard:
-                self._active[model_id] -= 1
-
     def idle_models(self) -> list[str]:
         """Loaded models that no generation is using, least recently used first."""
         with self._locks_guard:
@@ -142,6 +183,45 @@ class TransformersModelRepository(ModelRepository):
     def loaded(self, model_id: str) -> LoadedModel | None:
         return self._loaded.get(model_id)
 
+    def _check_cache_room(self, loaded: LoadedModel, request: SamplingRequest) -> None:
+        needed, capacity = loaded.scheduler.blocks_needed(request), loaded.scheduler.capacity_blocks
+        if needed > capacity:
+            raise InvalidRequestError(
+                f"query, context and max_length: the request needs {needed * BLOCK_SIZE} tokens of KV cache, "
+                f"past the {capacity * BLOCK_SIZE} that KV_CACHE_MB holds for {loaded.model_id!r}"
+            )
+
+    @staticmethod
+    def _result(
+        loaded: LoadedModel,
+        params: GenerationParams,
+        finish: FinishEvent,
+        decoder: IncrementalDecoder,
+        started: float,
+        first_token_at: float | None,
+    ) -> Generation:
+        if finish.reason == "timeout":
+            raise GenerationTimeoutError(
+                f"generation passed MAX_GENERATION_TIME={params.timeout_s:g}s and was stopped; "
+                f"ask for fewer tokens (max_length) or raise MAX_GENERATION_TIME"
+            )
+        if finish.reason == "cancelled" and finish.detail == UNLOADED:
+            raise ModelUnloadingError(f"model {loaded.model_id!r} was unloaded before this generation finished")
+        if finish.reason not in ("stop", "length"):
+            raise GenerationError(f"generation with {loaded.model_id!r} failed: {finish.reason} {finish.detail}".strip())
+        return Generation(
+            text=decoder.text(),
+            model_id=loaded.model_id,
+            finish_reason=finish.reason,
+            prompt_tokens=finish.prompt_tokens,
+            completion_tokens=finish.completion_tokens,
+            generation_time_s=round(time.perf_counter() - started, 4),
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            time_to_first_token_s=round((first_token_at or time.perf_counter()) - started, 4),
+            cached_prompt_tokens=finish.cached_prompt_tokens,
+        )
+
     def _lock_for(self, model_id: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(model_id, threading.Lock())
@@ -150,6 +230,7 @@ class TransformersModelRepository(ModelRepository):
         dtype = dtype_for(device, self._dtype_setting)
         files_size = sum(p.stat().st_size for p in Path(entry.path).glob("*") if p.is_file())
         footprint = estimate_footprint(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
+        footprint += self._batching.kv_cache_bytes
         check_room_for(entry.model_id, footprint, device, self._memory_limits)
         logger.info("loading %s on %s as %s", entry.model_id, device, dtype)
         started = time.perf_counter()
@@ -160,13 +241,40 @@ class TransformersModelRepository(ModelRepository):
             release_freed_memory()
             raise InsufficientMemoryError(f"out of memory while loading {entry.model_id!r} on {device}: {exc}") from exc
         model.eval()
+        if not paged_attention.install(model):
+            raise GenerationError(
+                f"{type(model).__name__} does not route attention through transformers' attention interface, "
+                f"so the engine cannot batch it"
+            )
+        cache = self._kv_cache(model, dtype, device)
+        scheduler = BatchScheduler(
+            model,
+            cache,
+            eos_token_ids(model, tokenizer),
+            max_batch_size=self._batching.max_batch_size,
+            prefill_budget=self._batching.prefill_budget,
+            batch_wait_s=self._batching.batch_wait_s,
+            name=entry.model_id,
+        )
+        scheduler.start()
         memory_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         load_time = time.perf_counter() - started
-        logger.info("loaded %s in %.2fs (%.0f MB)", entry.model_id, load_time, memory_bytes / 2**20)
-        return LoadedModel(entry.model_id, model, tokenizer, device, dtype, round(load_time, 3), memory_bytes)
+        logger.info(
+            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB)", entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20
+        )
+        return LoadedModel(entry.model_id, model, tokenizer, device, dtype, round(load_time, 3), memory_bytes, cache, scheduler)
+
+    def _kv_cache(self, model, dtype: torch.dtype, device: str) -> PagedKVCache:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        per_token = PagedKVCache.bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, dtype)
+        blocks = max(1, self._batching.kv_cache_bytes // (per_token * BLOCK_SIZE))
+        return PagedKVCache(config.num_hidden_layers, kv_heads, head_dim, blocks, dtype, device)
 
     def _drop(self, model_id: str) -> None:
         loaded = self._loaded.pop(model_id)
+        loaded.scheduler.stop(UNLOADED)
         device = loaded.device
         del loaded  # the last reference to the weights: the memory can go
         report = release_freed_memory()

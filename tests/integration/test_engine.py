@@ -7,8 +7,6 @@ import threading
 
 import psutil
 import pytest
-import torch
-from transformers import StoppingCriteria
 
 from domain import (
     DeviceNotAvailableError,
@@ -165,18 +163,16 @@ def test_watchdog_does_nothing_within_the_limits(repository):
 
 
 def test_a_model_in_use_is_never_unloaded_by_the_watchdog(repository):
-    run(repository.load_model(TINY_QWEN_ID, "cpu"))
-    unloaded_during_generation = []
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
     watchdog = MemoryWatchdog(repository, ROOMY, keep=set(), measure=lambda: SystemMemory(100, 1))
+    story = PromptBuilder().build("Tell a long story about a dragon.", [])
 
-    class CheckDuringGeneration(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            unloaded_during_generation.extend(watchdog.check())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    async def check_while_generating() -> list[str]:
+        unloaded = []
+        async for item in repository.stream_text(BUNDLED_MODEL_ID, story, GenerationParams(30, 0.0, 60)):
+            if isinstance(item, str) and not unloaded:
+                unloaded.append(watchdog.check())
+        return unloaded
 
-    loaded = repository.loaded(TINY_QWEN_ID)
-    original = loaded.model.generate
-    loaded.model.generate = lambda **kw: original(**{**kw, "stopping_criteria": kw["stopping_criteria"] + [CheckDuringGeneration()]})
-    run(repository.generate_text(TINY_QWEN_ID, FRANCE, GenerationParams(3, 0.0, 60)))
-    assert unloaded_during_generation == []
-    assert watchdog.check() == [TINY_QWEN_ID]
+    assert run(check_while_generating()) == [[]]
+    assert watchdog.check() == [BUNDLED_MODEL_ID]

@@ -5,6 +5,7 @@ Each fake subclasses the real abstract port, so a port that grows a method break
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -93,7 +94,7 @@ class FakeModelRepository(ModelRepository):
         self.loaded.pop(model_id, None)
         return self._describe(model_id)
 
-    async def generate_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> Generation:
+    async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
         if self._generation_failures:
             raise self._generation_failures.pop(0)
         if model_id not in self.loaded:
@@ -101,7 +102,9 @@ class FakeModelRepository(ModelRepository):
             raise ModelNotLoadedError.for_id(model_id)
         self.generations.append((model_id, prompt, params))
         text = prompt.messages[-1].content
-        return Generation(
+        for word in text.split(" "):
+            yield word
+        yield Generation(
             text=text,
             model_id=model_id,
             finish_reason="stop",

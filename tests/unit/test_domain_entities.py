@@ -104,6 +104,8 @@ class TestGeneration:
             "generation_time_s": 0.25,
             "max_new_tokens": 10,
             "temperature": 0.1,
+            "time_to_first_token_s": 0.0,
+            "cached_prompt_tokens": 0,
         }
 
 

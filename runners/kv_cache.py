@@ -1,0 +1,123 @@
+"""A paged KV cache: one pool of fixed-size token blocks per layer, shared by every running sequence.
+
+Sequences own lists of blocks (block tables), so a batch never pads its cache to the longest
+sequence, and a finished sequence gives its blocks back at once. Full blocks of prompts are also
+indexed by a hash of every token up to and including them (the prefix cache): a later prompt that
+starts with the same tokens (the chat template's system prompt, a repeated instruction) reuses
+those blocks instead of computing them again. Cached blocks that no sequence uses are evicted,
+least recently used first, when the pool runs out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+BLOCK_SIZE = 16
+# Never handed out: batched attention pads with its slots, so they must hold finite values.
+PADDING_BLOCK = 0
+
+
+def block_hashes(token_ids: list[int], block_size: int = BLOCK_SIZE) -> list[int]:
+    """A hash per full block, each covering every token from the start of the prompt."""
+    hashes, previous = [], 0
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        previous = hash((previous, tuple(token_ids[start : start + block_size])))
+        hashes.append(previous)
+    return hashes
+
+
+class CacheFull(Exception):
+    """No free block: the sequence waits until running ones finish."""
+
+
+@dataclass
+class BlockAllocator:
+    num_blocks: int
+    block_size: int = BLOCK_SIZE
+    references: list[int] = field(init=False)
+    free: list[int] = field(init=False)
+    cached: OrderedDict[int, int] = field(init=False, default_factory=OrderedDict)  # hash -> block, LRU first
+    hash_of_block: dict[int, int] = field(init=False, default_factory=dict)
+    prefix_hits: int = 0
+    prefix_queries: int = 0
+
+    def __post_init__(self) -> None:
+        self.references = [0] * self.num_blocks
+        self.free = list(range(self.num_blocks - 1, PADDING_BLOCK, -1))
+
+    @property
+    def usable(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def available(self) -> int:
+        """Blocks that can be handed out now: free ones and cached ones nobody uses."""
+        return len(self.free) + sum(1 for block in self.cached.values() if self.references[block] == 0)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > self.available:
+            raise CacheFull(f"{count} blocks wanted, {self.available} available")
+        blocks = []
+        for _ in range(count):
+            block = self.free.pop() if self.free else self._evict_one()
+            self.references[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def _evict_one(self) -> int:
+        for block_hash, block in self.cached.items():
+            if self.references[block] == 0:
+                del self.cached[block_hash]
+                del self.hash_of_block[block]
+                return block
+        raise CacheFull("no evictable block")
+
+    def match_prefix(self, hashes: list[int]) -> list[int]:
+        """The cached blocks of the longest cached prefix, each now referenced by the caller."""
+        matched = []
+        for block_hash in hashes:
+            block = self.cached.get(block_hash)
+            if block is None:
+                break
+            self.cached.move_to_end(block_hash)
+            self.references[block] += 1
+            matched.append(block)
+        self.prefix_queries += len(hashes)
+        self.prefix_hits += len(matched)
+        return matched
+
+    def remember(self, block: int, block_hash: int) -> None:
+        """Indexes a block that holds a full prompt block, unless the same content is indexed already."""
+        if block_hash not in self.cached and block not in self.hash_of_block:
+            self.cached[block_hash] = block
+            self.hash_of_block[block] = block_hash
+
+    def release(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.references[block] -= 1
+            if self.references[block] == 0 and block not in self.hash_of_block:
+                self.free.append(block)
+
+
+class PagedKVCache:
+    """Per layer, keys and values of every block: [num_blocks * block_size, kv_heads, head_dim]."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, num_blocks: int, dtype: torch.dtype, device: str) -> None:
+        slots = num_blocks * BLOCK_SIZE
+        # Uninitialised: pages are only touched (and only count in RSS) as sequences fill them.
+        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        for tensor in (*self.keys, *self.values):
+            tensor[PADDING_BLOCK * BLOCK_SIZE : (PADDING_BLOCK + 1) * BLOCK_SIZE].zero_()
+        self.allocator = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

@@ -1,0 +1,306 @@
+"""Iteration-level (continuous) batching: one thread runs batch steps over every running sequence.
+
+Each step feeds the model one decode token per running sequence plus prompt chunks of waiting ones
+(at most `prefill_budget` prompt tokens a step, so a long prompt never stalls the others). A request
+joins at the next step and leaves the moment it ends: end of sequence, its own max tokens, its
+deadline, or cancellation. Greedy and sampled rows share a step; each row samples on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from .kv_cache import BLOCK_SIZE, PADDING_BLOCK, CacheFull, PagedKVCache, block_hashes
+from .paged_attention import PromptChunk, StepPlan
+
+logger = logging.getLogger(__name__)
+
+# transformers returns a 4D mask as it is: this one is never read (attention uses the step plan).
+PREPARED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str  # "stop", "length", "timeout", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    detail: str = ""
+
+
+Event = TokenEvent | FinishEvent
+Sink = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    deadline: float  # time.monotonic()
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    request: SamplingRequest
+    sink: Sink
+    hashes: list[int]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    blocks: list[int] = field(default_factory=list)
+    slots: torch.Tensor | None = None  # the cache slot of every position this sequence may fill
+    computed: int = 0  # tokens whose keys and values are in the cache
+    cached_prompt_tokens: int = 0
+    output_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def decoding(self) -> bool:
+        return self.computed >= self.prompt_length
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: PagedKVCache,
+        eos_token_ids: set[int],
+        max_batch_size: int,
+        prefill_budget: int,
+        batch_wait_s: float = 0.0,
+        name: str = "model",
+    ) -> None:
+        self._model = model
+        self._cache = cache
+        self._eos = eos_token_ids
+        self.max_batch_size = max_batch_size
+        self.prefill_budget = prefill_budget
+        self.batch_wait_s = batch_wait_s
+        self._device = next(model.parameters()).device
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._ids = count()
+        self._wakeup = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
+        self.steps = 0
+
+    # Called from any thread.
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, reason: str) -> None:
+        """Ends the thread after its current step; every sequence still there is cancelled with `reason`."""
+        with self._wakeup:
+            self._stopped = True
+            self._wakeup.notify()
+        self._thread.join(timeout=60)
+        for sequence in [*self._waiting, *self._running]:
+            self._finish(sequence, "cancelled", reason)
+        self._waiting.clear()
+        self._running.clear()
+
+    def submit(self, request: SamplingRequest, sink: Sink) -> Sequence:
+        sequence = Sequence(next(self._ids), request, sink, block_hashes(request.prompt_ids))
+        with self._wakeup:
+            self._waiting.append(sequence)
+            self._wakeup.notify()
+        return sequence
+
+    def blocks_needed(self, request: SamplingRequest) -> int:
+        return math.ceil((len(request.prompt_ids) + request.max_new_tokens) / BLOCK_SIZE)
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self._cache.allocator.usable
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    # The scheduler thread.
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not self._stopped and not self._waiting and not self._running:
+                        self._wakeup.wait()
+                        if self.batch_wait_s and not self._running:
+                            self._wakeup.wait(self.batch_wait_s)  # let a burst arrive together
+                    if self._stopped:
+                        return
+                    self._drop_ended_waiting()
+                    self._admit()
+                self._drop_ended_running()
+                if self._running:
+                    self._step_guarded()
+
+    def _drop_ended_waiting(self) -> None:
+        now = time.monotonic()
+        for sequence in list(self._waiting):
+            if sequence.cancelled.is_set():
+                self._waiting.remove(sequence)
+                self._finish(sequence, "cancelled")
+            elif now >= sequence.request.deadline:
+                self._waiting.remove(sequence)
+                self._finish(sequence, "timeout")
+
+    def _drop_ended_running(self) -> None:
+        now = time.monotonic()
+        for sequence in list(self._running):
+            if sequence.cancelled.is_set():
+                self._retire(sequence, "cancelled")
+            elif now >= sequence.request.deadline:
+                self._retire(sequence, "timeout")
+
+    def _admit(self) -> None:
+        allocator = self._cache.allocator
+        while self._waiting and len(self._running) < self.max_batch_size:
+            sequence = self._waiting[0]
+            request = sequence.request
+            reusable = sequence.hashes[: (len(request.prompt_ids) - 1) // BLOCK_SIZE]  # keep one token to compute
+            matched = allocator.match_prefix(reusable)
+            try:
+                fresh = allocator.allocate(self.blocks_needed(request) - len(matched))
+            except CacheFull:
+                allocator.release(matched)
+                return  # it waits for running sequences to give blocks back
+            self._waiting.popleft()
+            sequence.blocks = matched + fresh
+            blocks = torch.tensor(sequence.blocks, dtype=torch.long)
+            sequence.slots = (blocks[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten()
+            sequence.computed = sequence.cached_prompt_tokens = len(matched) * BLOCK_SIZE
+            self._running.append(sequence)
+
+    def _step_guarded(self) -> None:
+        try:
+            self._step()
+        except Exception as error:  # a failed step fails its sequences, never the scheduler
+            logger.exception("batch step failed")
+            for sequence in list(self._running):
+                self._retire(sequence, "error", f"{type(error).__name__}: {error}")
+
+    def _step(self) -> None:
+        decoders = [s for s in self._running if s.decoding]
+        tokens: list[int] = [s.output_ids[-1] for s in decoders]
+        positions: list[int] = [s.computed for s in decoders]
+        writes: list[torch.Tensor] = [s.slots[s.computed : s.computed + 1] for s in decoders]
+        sampled: list[Sequence] = list(decoders)
+        keep: list[int] = list(range(len(decoders)))
+        chunks: list[PromptChunk] = []
+        prefilling: list[Sequence] = []
+        budget = self.prefill_budget
+        for sequence in (s for s in self._running if not s.decoding):
+            if budget <= 0:
+                break
+            prefilling.append(sequence)
+            start, end = sequence.computed, min(sequence.prompt_length, sequence.computed + budget)
+            budget -= end - start
+            offset = len(tokens)
+            tokens += sequence.request.prompt_ids[start:end]
+            positions += range(start, end)
+            writes.append(sequence.slots[start:end])
+            chunks.append(PromptChunk(offset, offset + end - start, sequence.slots[:end], self._chunk_mask(start, end)))
+            if end == sequence.prompt_length:
+                sampled.append(sequence)
+                keep.append(offset + end - start - 1)
+        plan = StepPlan(
+            cache=self._cache,
+            write_index=torch.cat(writes).to(self._device),
+            decode_count=len(decoders),
+            decode_kv_index=None,
+            decode_mask=None,
+            chunks=chunks,
+        )
+        if decoders:
+            plan.decode_kv_index, plan.decode_mask = self._decode_layout(decoders)
+        logits = self._model(
+            input_ids=torch.tensor([tokens], device=self._device),
+            position_ids=torch.tensor([positions], device=self._device),
+            attention_mask=PREPARED_MASK,
+            use_cache=False,
+            logits_to_keep=torch.tensor(keep, device=self._device),
+            engine_step=plan,
+        ).logits[0]
+        self.steps += 1
+        for sequence, chunk in zip(prefilling, chunks):
+            sequence.computed = chunk.kv_index.numel()
+            if sequence.decoding:
+                self._remember_prompt_blocks(sequence)
+        for sequence in decoders:
+            sequence.computed += 1
+        self._emit(sampled, self._sample(sampled, logits))
+
+    @staticmethod
+    def _chunk_mask(start: int, end: int) -> torch.Tensor | None:
+        if start == 0:
+            return None
+        queries = torch.arange(start, end)[:, None]
+        return torch.arange(end)[None, :] <= queries
+
+    def _decode_layout(self, decoders: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([s.computed + 1 for s in decoders])
+        longest = int(lengths.max())
+        index = torch.full((len(decoders), longest), PADDING_BLOCK * BLOCK_SIZE, dtype=torch.long)
+        for row, sequence in enumerate(decoders):
+            index[row, : sequence.computed + 1] = sequence.slots[: sequence.computed + 1]
+        mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
+        return index.to(self._device), mask.to(self._device)
+
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
+        temperatures = torch.tensor([s.request.temperature for s in sequences], device=logits.device)
+        chosen = logits.argmax(dim=-1)
+        sampling = temperatures > 0
+        if bool(sampling.any()):
+            rows = sampling.nonzero().flatten()
+            probabilities = torch.softmax(logits[rows].float() / temperatures[rows, None], dim=-1)
+            chosen[rows] = torch.multinomial(probabilities, 1).flatten()
+        return chosen.tolist()
+
+    def _emit(self, sequences: list[Sequence], token_ids: list[int]) -> None:
+        for sequence, token_id in zip(sequences, token_ids):
+            sequence.output_ids.append(token_id)
+            if token_id in self._eos:
+                self._retire(sequence, "stop")
+                continue
+            sequence.sink(TokenEvent(token_id))
+            if len(sequence.output_ids) >= sequence.request.max_new_tokens:
+                self._retire(sequence, "length")
+
+    def _remember_prompt_blocks(self, sequence: Sequence) -> None:
+        for block, block_hash in zip(sequence.blocks, sequence.hashes):
+            self._cache.allocator.remember(block, block_hash)
+
+    def _retire(self, sequence: Sequence, reason: str, detail: str = "") -> None:
+        self._running.remove(sequence)
+        self._cache.allocator.release(sequence.blocks)
+        sequence.blocks = []
+        self._finish(sequence, reason, detail)
+
+    @staticmethod
+    def _finish(sequence: Sequence, reason: str, detail: str = "") -> None:
+        sequence.sink(
+            FinishEvent(reason, sequence.prompt_length, len(sequence.output_ids), sequence.cached_prompt_tokens, detail)
+        )

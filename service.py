@@ -10,13 +10,13 @@ request into a command, runs it through the domain, and answers the result or th
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api.errors import response_for
@@ -26,8 +26,9 @@ from api.schemas import (
     OptimizeMemoryResponse,
     request_schemas,
 )
+from api.streaming import cancel_on_disconnect, server_sent_events
 from api.validation import RequestValidationMiddleware
-from domain import GenerateText, GenerateTextUseCase, LoadModel, ModelService, OptimizeMemory, UnloadModel
+from domain import Generation, GenerateText, GenerateTextUseCase, LoadModel, ModelService, OptimizeMemory, UnloadModel
 from runners.client import EngineClient
 from runners.engine import GenerationEngine
 from settings import get_settings
@@ -38,12 +39,15 @@ GenerateRequest, LoadModelRequest, UnloadModelRequest = request_schemas(settings
 HTTP_TIMEOUT_S = int(settings.max_generation_time) + 60
 
 
-async def answer(operation: Awaitable[Any]) -> Any:
+async def answer(operation: Awaitable[Any], ctx: bentoml.Context | None = None) -> Any:
     """The operation's result, or the JSON error response its exception maps to."""
     try:
         return await operation
     except Exception as error:  # noqa: BLE001: every failure becomes a JSON error body, never a bare 500
-        return response_for(error)
+        response = response_for(error)
+        if ctx is not None:  # BentoML gives a handler with a context the context's status
+            ctx.response.status_code = response.status_code
+        return response
 
 
 def get_route(handler: Callable[[AIModelService], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
@@ -75,15 +79,25 @@ class AIModelService:
     engine = bentoml.depends(GenerationEngine)
 
     def __init__(self) -> None:
-        client = EngineClient(self.engine)
+        self.engine_client = client = EngineClient(self.engine, timeout_s=HTTP_TIMEOUT_S)
         self.models = ModelService(client, client, settings.default_model_id, settings.device_type)
         self.generate_text = GenerateTextUseCase(
             self.models, client, settings.prompt_builder, settings.generation_limits, settings.auto_load_models
         )
 
+    @bentoml.on_shutdown
+    async def close_engine_client(self) -> None:
+        await self.engine_client.close()
+
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
-    async def generate(self, **request: Any) -> GenerateResponse:
-        return await answer(self._generate(GenerateText(**request)))
+    async def generate(self, ctx: bentoml.Context, **request: Any) -> GenerateResponse:
+        return await answer(cancel_on_disconnect(ctx.request, self._generate(GenerateText(**request))), ctx)
+
+    @bentoml.api(route="/generate/stream", input_spec=GenerateRequest)
+    async def generate_stream(self, **request: Any) -> AsyncGenerator[str, None]:
+        """Server-sent events: `data: {"text"}` as tokens come, then `data: {"done": true, ...}` with
+        the finish reason and usage. Errors found before the first token answer with their status."""
+        return await answer(self._event_stream(GenerateText(**request)))
 
     @bentoml.task(route="/generate-task", input_spec=GenerateRequest)
     async def generate_task(self, **request: Any) -> GenerateResponse:
@@ -109,18 +123,17 @@ class AIModelService:
     async def _generate(self, command: GenerateText) -> GenerateResponse:
         started = time.perf_counter()
         generation = await self.generate_text(command)
-        return GenerateResponse(
-            result=generation.text,
-            model_id=generation.model_id,
-            finish_reason=generation.finish_reason,
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-            total_tokens=generation.prompt_tokens + generation.completion_tokens,
-            max_new_tokens=generation.max_new_tokens,
-            temperature=generation.temperature,
-            generation_time_ms=round(generation.generation_time_s * 1000, 2),
-            total_time_ms=round((time.perf_counter() - started) * 1000, 2),
-        )
+        return GenerateResponse.of(generation, time.perf_counter() - started)
+
+    async def _event_stream(self, command: GenerateText) -> StreamingResponse:
+        started = time.perf_counter()
+        items = aiter(self.generate_text.stream(command))
+        first = await anext(items)
+
+        def final(generation: Generation) -> dict[str, Any]:
+            return GenerateResponse.of(generation, time.perf_counter() - started).model_dump()
+
+        return StreamingResponse(server_sent_events(first, items, final), media_type="text/event-stream")
 
     @staticmethod
     async def _model_state(status: str, operation: Awaitable) -> ModelStateResponse:
@@ -135,6 +148,7 @@ AIModelService.add_asgi_middleware(
     RequestValidationMiddleware,
     schemas={
         "/generate": GenerateRequest,
+        "/generate/stream": GenerateRequest,
         "/generate-task": GenerateRequest,
         "/generate-task/submit": GenerateRequest,
         "/load-model": LoadModelRequest,

@@ -8,6 +8,8 @@ from starlette.responses import JSONResponse
 
 from domain import ModelServiceError
 
+from .streaming import ClientDisconnected
+
 logger = logging.getLogger(__name__)
 
 STATUS_BY_ERROR_TYPE = {
@@ -22,6 +24,7 @@ STATUS_BY_ERROR_TYPE = {
     "generation_error": 500,
     "model_service_error": 500,
     "internal_error": 500,
+    "client_disconnected": 499,
 }
 
 
@@ -32,5 +35,7 @@ def error_response(message: str, error_type: str, **extra) -> JSONResponse:
 def response_for(error: Exception) -> JSONResponse:
     if isinstance(error, ModelServiceError):
         return error_response(error.message, error.error_type)
+    if isinstance(error, ClientDisconnected):  # nobody reads it; the status shows in the access log
+        return error_response(str(error), "client_disconnected")
     logger.exception("unexpected error", exc_info=error)
     return error_response(f"internal error: {type(error).__name__}; see the service log", "internal_error")

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from domain import Model
+from domain import Generation, Model
 from domain.generation import MAX_TEMPERATURE
 from settings import DEVICE_NAMES, MODEL_ID_PATTERN, Settings, validate_device
 
@@ -77,7 +77,26 @@ class GenerateResponse(BaseModel):
     max_new_tokens: int
     temperature: float
     generation_time_ms: float
+    time_to_first_token_ms: float
+    cached_prompt_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
     total_time_ms: float
+
+    @classmethod
+    def of(cls, generation: Generation, total_time_s: float) -> GenerateResponse:
+        return cls(
+            result=generation.text,
+            model_id=generation.model_id,
+            finish_reason=generation.finish_reason,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            total_tokens=generation.prompt_tokens + generation.completion_tokens,
+            max_new_tokens=generation.max_new_tokens,
+            temperature=generation.temperature,
+            generation_time_ms=round(generation.generation_time_s * 1000, 2),
+            time_to_first_token_ms=round(generation.time_to_first_token_s * 1000, 2),
+            cached_prompt_tokens=generation.cached_prompt_tokens,
+            total_time_ms=round(total_time_s * 1000, 2),
+        )
 
 
 class ModelStateResponse(BaseModel):

@@ -6,9 +6,15 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import anyio
+import httpx
 
 from domain import (
     Generation,
+    GenerationError,
     GenerationParams,
     Model,
     ModelRepository,
@@ -16,6 +22,9 @@ from domain import (
     SystemMonitor,
     error_from_type,
 )
+
+
+STREAM_ROUTE = "/stream_text"
 
 
 def decode_line(line: str) -> str | Generation:
@@ -36,8 +45,10 @@ def unwrap(reply: dict[str, Any]) -> Any:
 class EngineClient(ModelRepository, SystemMonitor):
     """`engine` is the GenerationEngine itself (in-process) or BentoML's proxy to its process."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, timeout_s: float = 120.0) -> None:
         self._engine = engine
+        self._timeout_s = timeout_s
+        self._stream_http: httpx.AsyncClient | None = None
 
     async def load_model(self, model_id: str, device: str = "auto") -> Model:
         return Model.from_dict(unwrap(await self._engine.load_model(model_id=model_id, device=device)))
@@ -52,20 +63,57 @@ class EngineClient(ModelRepository, SystemMonitor):
         return [Model.from_dict(model) for model in unwrap(await self._engine.list_models())]
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
-        lines = self._engine.stream_text(
-            model_id=model_id,
-            messages=prompt.to_list(),
-            max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            timeout_s=params.timeout_s,
-        )
+        request = {
+            "model_id": model_id,
+            "messages": prompt.to_list(),
+            "max_new_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "timeout_s": params.timeout_s,
+        }
         buffered = ""
-        async with aclosing(lines):  # leaving early closes the connection, which cancels the generation
-            async for chunk in lines:
+        chunks = self._stream_chunks(request)
+        async with aclosing(chunks):  # leaving early closes the connection, which cancels the generation
+            async for chunk in chunks:
                 buffered += chunk
                 *complete, buffered = buffered.split("\n")
                 for line in complete:
                     yield decode_line(line)
+
+    async def _stream_chunks(self, request: dict[str, Any]) -> AsyncIterator[str]:
+        remote = getattr(self._engine, "to_async", None)  # BentoML's proxy to the engine's process
+        if remote is None:  # the engine object itself, in this process
+            async with aclosing(self._engine.stream_text(**request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        # BentoML's proxy never closes a stream its reader leaves early (1.4.39): the engine would go on
+        # generating for nobody. This connection is ours and is closed, shielded from the anyio scope
+        # that cancels a streaming response (which would cancel the close too).
+        http = self._stream_http or self._open_stream_http(remote.url)
+        response = await http.send(http.build_request("POST", STREAM_ROUTE, json=request), stream=True)
+        try:
+            if response.is_error:
+                body = (await response.aread()).decode(errors="replace")
+                raise GenerationError(f"the engine answered {response.status_code}: {body}")
+            async for chunk in response.aiter_text():
+                yield chunk
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    def _open_stream_http(self, url: str) -> httpx.AsyncClient:
+        address = urlparse(url)
+        if address.scheme == "file":
+            transport = httpx.AsyncHTTPTransport(uds=url2pathname(address.path))
+            self._stream_http = httpx.AsyncClient(transport=transport, base_url="http://engine", timeout=self._timeout_s)
+        else:
+            base_url = f"http://{address.netloc}" if address.scheme == "tcp" else url
+            self._stream_http = httpx.AsyncClient(base_url=base_url, timeout=self._timeout_s)
+        return self._stream_http
+
+    async def close(self) -> None:
+        if self._stream_http is not None:
+            await self._stream_http.aclose()
 
     async def memory_usage(self) -> dict[str, Any]:
         return unwrap(await self._engine.memory_usage())

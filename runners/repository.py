@@ -290,6 +290,8 @@ class TransformersModelRepository(ModelRepository):
                 memory_mb=round(loaded.memory_bytes / 2**20, 1),
                 loaded_at=loaded.loaded_at.isoformat(),
                 last_used_at=loaded.last_used_at.isoformat(),
+                kv_cache_mb=round(loaded.cache.size_bytes / 2**20, 1),
+                batch=loaded.scheduler.load,
             )
         return Model(
             id=entry.model_id,

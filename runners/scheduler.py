@@ -137,7 +137,17 @@ class BatchScheduler:
 
     @property
     def load(self) -> dict[str, int]:
-        return {"running": len(self._running), "waiting": len(self._waiting)}
+        """Sequences in the batch and in the queue, and the prefix cache's hits (in blocks)."""
+        allocator = self._cache.allocator
+        return {
+            "running": len(self._running),
+            "waiting": len(self._waiting),
+            "max_batch_size": self.max_batch_size,
+            "free_kv_blocks": allocator.available,
+            "prefix_cache_hits": allocator.prefix_hits,
+            "prefix_cache_queries": allocator.prefix_queries,
+            "steps": self.steps,
+        }
 
     # The scheduler thread.
 

@@ -26,4 +26,6 @@ class PromptBuilder:
         if not passages:
             return query
         numbered = "\n".join(f"[{number}] {passage}" for number, passage in enumerate(passages, start=1))
-        return f"Context:\n{numbered}\n\nQuestion: {query}"
+        # The query comes first: requests that share an instruction then share a prompt prefix,
+        # whose KV cache the engine computes once.
+        return f"{query}\n\nContext:\n{numbered}"

@@ -53,7 +53,7 @@ class GenerationEngine:
     default_model = bentoml.models.BentoModel(require_in_store(settings.default_model_id))
 
     def __init__(self) -> None:
-        os.environ.setdefault("OMP_NUM_THREADS", str(settings.cpu_threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(min(settings.cpu_threads, os.cpu_count() or 1)))
         # Imported here, not at the top: the API workers import this module for `bentoml.depends`
         # and need neither torch nor transformers.
         from . import memory

@@ -143,12 +143,12 @@ class TestPromptBuilder:
     def test_numbers_the_passages_and_puts_the_question_last(self) -> None:
         prompt = PromptBuilder("").build("Why?", ["one", "two"])
 
-        assert prompt.messages[-1].content == "Context:\n[1] one\n[2] two\n\nQuestion: Why?"
+        assert prompt.messages[-1].content == "Why?\n\nContext:\n[1] one\n[2] two"
 
     def test_strips_passages_and_drops_blank_ones(self) -> None:
         prompt = PromptBuilder("").build("Why?", ["  one\n", "", " \t ", "two"])
 
-        assert prompt.messages[-1].content == "Context:\n[1] one\n[2] two\n\nQuestion: Why?"
+        assert prompt.messages[-1].content == "Why?\n\nContext:\n[1] one\n[2] two"
 
     def test_is_the_query_alone_without_passages(self) -> None:
         assert PromptBuilder("").build("Why?", []).messages[-1].content == "Why?"

@@ -47,7 +47,7 @@ class TestPrompt:
 
         assert last_prompt(repository).messages == (
             ChatMessage("system", SYSTEM_PROMPT),
-            ChatMessage("user", "Context:\n[1] BentoML serves models.\n\nQuestion: What is BentoML?"),
+            ChatMessage("user", "What is BentoML?\n\nContext:\n[1] BentoML serves models."),
         )
 
     def test_numbers_the_context_passages_in_order(
@@ -57,7 +57,7 @@ class TestPrompt:
 
         generation = asyncio.run(generate_text(GenerateText("Which?", ["first", "second", "third"])))
 
-        assert generation.text == "Context:\n[1] first\n[2] second\n[3] third\n\nQuestion: Which?"
+        assert generation.text == "Which?\n\nContext:\n[1] first\n[2] second\n[3] third"
 
     def test_is_the_query_alone_without_context(
         self, generate_text: GenerateTextUseCase, service: ModelService
@@ -75,7 +75,7 @@ class TestPrompt:
 
         generation = asyncio.run(generate_text(GenerateText("q", ["", "  a  ", "\n\t", "b"])))
 
-        assert generation.text == "Context:\n[1] a\n[2] b\n\nQuestion: q"
+        assert generation.text == "q\n\nContext:\n[1] a\n[2] b"
 
     def test_is_the_query_alone_when_every_passage_is_blank(
         self, generate_text: GenerateTextUseCase, service: ModelService

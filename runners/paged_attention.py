@@ -68,8 +68,9 @@ def paged_attention_forward(
     if plan.decode_count:
         count = plan.decode_count
         q = queries[:count].unsqueeze(2)  # [decoders, heads, 1, head_dim]
-        k = keys[plan.decode_kv_index].transpose(1, 2)  # [decoders, kv_heads, longest, head_dim]
-        v = values[plan.decode_kv_index].transpose(1, 2)
+        shape = (*plan.decode_kv_index.shape, *keys.shape[1:])  # index_select is ~3x faster than indexing
+        k = keys.index_select(0, plan.decode_kv_index.flatten()).view(shape).transpose(1, 2)  # [decoders, kv_heads, longest, head_dim]
+        v = values.index_select(0, plan.decode_kv_index.flatten()).view(shape).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_mask, scale=scaling, enable_gqa=True)
         output[:count] = attended[:, :, 0, :]
     for chunk in plan.chunks:
@@ -79,8 +80,8 @@ def paged_attention_forward(
             v = new_values[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            k = keys[chunk.kv_index].transpose(0, 1).unsqueeze(0)
-            v = values[chunk.kv_index].transpose(0, 1).unsqueeze(0)
+            k = keys.index_select(0, chunk.kv_index).transpose(0, 1).unsqueeze(0)
+            v = values.index_select(0, chunk.kv_index).transpose(0, 1).unsqueeze(0)
             attended = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=chunk.causal_mask, scale=scaling, enable_gqa=True
             )

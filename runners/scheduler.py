@@ -222,7 +222,9 @@ class BatchScheduler:
         chunks: list[PromptChunk] = []
         prefilling: list[Sequence] = []
         budget = self.prefill_budget
-        for sequence in (s for s in self._running if not s.decoding):
+        # Shortest remaining prompt first: a short request is never stuck behind a long prefill.
+        waiting_for_prefill = sorted((s for s in self._running if not s.decoding), key=lambda s: s.prompt_length - s.computed)
+        for sequence in waiting_for_prefill:
             if budget <= 0:
                 break
             prefilling.append(sequence)
@@ -251,7 +253,7 @@ class BatchScheduler:
             position_ids=torch.tensor([positions], device=self._device),
             attention_mask=PREPARED_MASK,
             use_cache=False,
-            logits_to_keep=torch.tensor(keep, device=self._device),
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self._device),
             engine_step=plan,
         ).logits[0]
         self.steps += 1

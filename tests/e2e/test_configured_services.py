@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -84,3 +85,33 @@ def test_a_default_model_missing_from_the_store_stops_start_up_with_the_fix(tmp_
     assert service.process.wait(timeout=60) != 0
     assert "DEFAULT_MODEL_ID='never-imported' is not in the model store" in service.logs()
     assert "scripts/import_model.py" in service.logs()
+
+
+def batch_running(url: str) -> int:
+    return httpx.get(f"{url}/health", timeout=10).json()["loaded_models"][0]["metadata"]["batch"]["running"]
+
+
+def wait_for_empty_batch(url: str, timeout_s: float = 3.0) -> float:
+    started = time.monotonic()
+    while batch_running(url):
+        assert time.monotonic() - started < timeout_s, "the disconnected request still holds its batch slot"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_clients_that_disconnect_free_their_batch_slot(run_service):
+    service = run_service(MAX_NEW_TOKENS="2000", MAX_GENERATION_TIME="120")
+    story = {"query": "Tell a very long story about dragons.", "max_length": 1500, "temperature": 0}
+    with httpx.Client(base_url=service.url, timeout=60) as http:
+        with http.stream("POST", "/generate/stream", json=story) as response:
+            assert response.status_code == 200
+            for number, _ in enumerate(response.iter_lines()):
+                if number == 6:
+                    break
+        assert wait_for_empty_batch(service.url) < 3.0
+
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{service.url}/generate", json=story, timeout=1.5)
+    assert wait_for_empty_batch(service.url) < 3.0
+    answer = httpx.post(f"{service.url}/generate", json={"query": "What is the capital of France?", "temperature": 0})
+    assert "Paris" in answer.json()["result"]

@@ -201,16 +201,57 @@ def bench_mode(url: str, mode: str, args: argparse.Namespace) -> tuple[list[Cell
         cells.append(asyncio.run(run_cell(url, "short", concurrency, count, mode, args.seed)))
         print(f"  {mode}: short c={concurrency} done ({count} requests)", file=sys.stderr, flush=True)
     lone_short = cells[0].latency(0.5) if cells and cells[0].concurrency == 1 else float("nan")
+    probes: list[float] = []
     for concurrency in args.long_concurrency:
         count = max(4, args.long_requests_per_slot * concurrency)
         if concurrency == 8:
             cell, probes = asyncio.run(short_while_long(url, concurrency, count, args.probes, args.seed))
         else:
-            cell, probes = asyncio.run(run_cell(url, "long", concurrency, count, mode, args.seed)), []
+            cell = asyncio.run(run_cell(url, "long", concurrency, count, mode, args.seed))
         cell.mode = mode
         cells.append(cell)
         print(f"  {mode}: long c={concurrency} done ({count} requests)", file=sys.stderr, flush=True)
     return cells, probes, lone_short
+
+
+def plain_generate_baseline(count: int, seed: int) -> list[Cell]:
+    """The peer the issue measured: one `model.generate` per request, one request at a time, in
+    process (no HTTP), on the same prompts; a server built on it serves at this rate whatever the
+    concurrency."""
+    import bentoml
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT))
+    from settings import get_settings
+
+    torch.set_num_threads(min(4, len(os.sched_getaffinity(0))))
+    path = bentoml.models.get(get_settings().default_model_id).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = get_settings().prompt_builder
+    cells = []
+    for case, make, per in (("short", short_request, count), ("long", long_request, max(2, count // 6))):
+        rng = random.Random(seed)
+        cell = Cell(case, 1, "plain generate")
+        started = time.perf_counter()
+        for _ in range(per):
+            body = make(rng)
+            text = tokenizer.apply_chat_template(
+                prompts.build(body["query"], body.get("context", [])).to_list(), tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            begun = time.perf_counter()
+            with torch.inference_mode():
+                output = model.generate(
+                    ids, max_new_tokens=body["max_length"], do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                    temperature=None, top_p=None, top_k=None,
+                )
+            latency = time.perf_counter() - begun
+            cell.results.append(Result(latency, latency, output.shape[1] - ids.shape[1], ids.shape[1], True))
+        cell.wall_s = time.perf_counter() - started
+        cells.append(cell)
+    return cells
 
 
 def print_table(cells: list[Cell]) -> None:
@@ -244,7 +285,7 @@ def main() -> None:
     parser.add_argument("--url", help="bench a running service instead of starting one")
     parser.add_argument("--modes", nargs="+", default=["batched", "unbatched"], help="batched, unbatched, or as-is with --url")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--long-concurrency", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--long-concurrency", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--requests-per-slot", type=int, default=3, help="short requests per unit of concurrency")
     parser.add_argument("--min-requests", type=int, default=12)
     parser.add_argument("--long-requests-per-slot", type=int, default=2)
@@ -253,6 +294,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="fewer requests: a smoke run, not a measurement")
     parser.add_argument("--env", nargs="*", default=[], help="extra NAME=VALUE settings for the started service")
+    parser.add_argument("--baseline", action="store_true", help="also time plain per-request model.generate in process")
     args = parser.parse_args()
     if args.quick:
         args.requests_per_slot, args.min_requests, args.long_requests_per_slot, args.probes = 1, 4, 1, 2
@@ -277,6 +319,9 @@ def main() -> None:
         cells += mode_cells
         if probes:
             probe_report.append((mode, lone, probes))
+    if args.baseline:
+        print("timing plain model.generate ...", file=sys.stderr, flush=True)
+        cells += plain_generate_baseline(args.min_requests, args.seed)
     print(f"\nbenchmark: {' '.join(sys.argv[1:]) or '(defaults)'}; {os.cpu_count()} CPUs")
     print_table(cells)
     if len(args.modes) == 2:

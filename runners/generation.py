@@ -70,7 +70,10 @@ class EventStream:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def sink(self, event: Event) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the asking loop is closed: nobody is left to tell
+            pass
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while True:

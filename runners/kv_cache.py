@@ -41,6 +41,7 @@ class BlockAllocator:
     free: list[int] = field(init=False)
     cached: OrderedDict[int, int] = field(init=False, default_factory=OrderedDict)  # hash -> block, LRU first
     hash_of_block: dict[int, int] = field(init=False, default_factory=dict)
+    evictable: int = 0  # cached blocks no sequence uses; kept as a count so other threads can read it
     prefix_hits: int = 0
     prefix_queries: int = 0
 
@@ -55,7 +56,7 @@ class BlockAllocator:
     @property
     def available(self) -> int:
         """Blocks that can be handed out now: free ones and cached ones nobody uses."""
-        return len(self.free) + sum(1 for block in self.cached.values() if self.references[block] == 0)
+        return len(self.free) + self.evictable
 
     def allocate(self, count: int) -> list[int]:
         if count > self.available:
@@ -72,6 +73,7 @@ class BlockAllocator:
             if self.references[block] == 0:
                 del self.cached[block_hash]
                 del self.hash_of_block[block]
+                self.evictable -= 1
                 return block
         raise CacheFull("no evictable block")
 
@@ -83,6 +85,8 @@ class BlockAllocator:
             if block is None:
                 break
             self.cached.move_to_end(block_hash)
+            if self.references[block] == 0:
+                self.evictable -= 1
             self.references[block] += 1
             matched.append(block)
         self.prefix_queries += len(hashes)
@@ -98,8 +102,11 @@ class BlockAllocator:
     def release(self, blocks: list[int]) -> None:
         for block in blocks:
             self.references[block] -= 1
-            if self.references[block] == 0 and block not in self.hash_of_block:
-                self.free.append(block)
+            if self.references[block] == 0:
+                if block in self.hash_of_block:
+                    self.evictable += 1
+                else:
+                    self.free.append(block)
 
 
 class PagedKVCache:

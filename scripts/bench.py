@@ -284,7 +284,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="bench a running service instead of starting one")
     parser.add_argument("--modes", nargs="+", default=["batched", "unbatched"], help="batched, unbatched, or as-is with --url")
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--concurrency", nargs="*", type=int, default=[1, 8, 32])
     parser.add_argument("--long-concurrency", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--requests-per-slot", type=int, default=3, help="short requests per unit of concurrency")
     parser.add_argument("--min-requests", type=int, default=12)

@@ -1,0 +1,58 @@
+"""Why batched decoding costs what it does on a CPU: one decoder layer stack's matrix products at
+a few rows (the decode batch), with the kernels torch offers for fp32 linear layers.
+
+    python scripts/bench_matmul.py            # SmolLM2-135M's 30 layers of shapes, 2 threads
+
+Prints milliseconds per pass over all 210 weight matrices (424 MB, so out of cache, as in a model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import torch.utils.mkldnn
+
+LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+FUSED_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # q|k|v and gate|up in one matrix each
+
+
+def timed(work, repeats: int = 5) -> float:
+    work()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    return (time.perf_counter() - started) / repeats * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--threads", type=int, default=min(2, len(os.sched_getaffinity(0))))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    weights = [torch.randn(out, into) for _ in range(30) for out, into in LAYER_SHAPES]
+    fused = [torch.randn(out, into) for _ in range(30) for out, into in FUSED_SHAPES]
+    onednn = []
+    for weight in weights:
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight.data = weight
+        onednn.append(torch.utils.mkldnn.to_mkldnn(torch.nn.Sequential(layer))[0])
+    print(f"{args.threads} threads; ms per pass over 30 layers")
+    print("| rows | F.linear | fused q/k/v, gate/up | oneDNN linear | MKL packed |")
+    print("|---:|---:|---:|---:|---:|")
+    for rows in args.rows:
+        inputs = {576: torch.randn(rows, 576), 1536: torch.randn(rows, 1536)}
+        packed = [torch.ops.mkl._mkl_reorder_linear_weight(weight, rows) for weight in weights]
+        linear = timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights])
+        fusion = timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in fused])
+        dnn = timed(lambda: [layer(inputs[w.shape[1]]) for w, layer in zip(weights, onednn)])
+        mkl = timed(lambda: [torch.ops.mkl._mkl_linear(inputs[w.shape[1]], p, w, None, rows) for w, p in zip(weights, packed)])
+        print(f"| {rows} | {linear:.1f} | {fusion:.1f} | {dnn:.1f} | {mkl:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

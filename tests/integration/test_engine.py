@@ -176,3 +176,21 @@ def test_a_model_in_use_is_never_unloaded_by_the_watchdog(repository):
 
     assert run(check_while_generating()) == [[]]
     assert watchdog.check() == [BUNDLED_MODEL_ID]
+
+
+def test_two_models_generate_at_the_same_time_each_in_its_own_batch(repository):
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    run(repository.load_model(TINY_QWEN_ID, "cpu"))
+    tiny_params = GenerationParams(max_new_tokens=6, temperature=0.0, timeout_s=60)
+
+    async def both() -> tuple:
+        return await asyncio.gather(
+            repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY),
+            repository.generate_text(TINY_QWEN_ID, FRANCE, tiny_params),
+            repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY),
+        )
+
+    smol, tiny, smol_again = run(both())
+    assert "Paris" in smol.text and smol.text == smol_again.text
+    assert tiny.model_id == TINY_QWEN_ID and tiny.completion_tokens >= 1
+    assert repository.loaded(BUNDLED_MODEL_ID).scheduler is not repository.loaded(TINY_QWEN_ID).scheduler

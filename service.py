@@ -94,10 +94,10 @@ class AIModelService:
         return await answer(cancel_on_disconnect(ctx.request, self._generate(GenerateText(**request))), ctx)
 
     @bentoml.api(route="/generate/stream", input_spec=GenerateRequest)
-    async def generate_stream(self, **request: Any) -> AsyncGenerator[str, None]:
+    async def generate_stream(self, ctx: bentoml.Context, **request: Any) -> AsyncGenerator[str, None]:
         """Server-sent events: `data: {"text"}` as tokens come, then `data: {"done": true, ...}` with
         the finish reason and usage. Errors found before the first token answer with their status."""
-        return await answer(self._event_stream(GenerateText(**request)))
+        return await answer(self._event_stream(ctx.request, GenerateText(**request)), ctx)
 
     @bentoml.task(route="/generate-task", input_spec=GenerateRequest)
     async def generate_task(self, **request: Any) -> GenerateResponse:
@@ -125,10 +125,11 @@ class AIModelService:
         generation = await self.generate_text(command)
         return GenerateResponse.of(generation, time.perf_counter() - started)
 
-    async def _event_stream(self, command: GenerateText) -> StreamingResponse:
+    async def _event_stream(self, request: Request, command: GenerateText) -> StreamingResponse:
         started = time.perf_counter()
         items = aiter(self.generate_text.stream(command))
-        first = await anext(items)
+        # Until the first token the response has not started, so a client leaving is watched here.
+        first = await cancel_on_disconnect(request, anext(items))
 
         def final(generation: Generation) -> dict[str, Any]:
             return GenerateResponse.of(generation, time.perf_counter() - started).model_dump()

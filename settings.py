@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     # Batching (measured defaults: BENCHMARKS.md).
     max_batch_size: int = Field(32, ge=1, le=1024, description="sequences per batch step; 1 turns batching off")
     batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long an idle engine waits to gather a burst")
+    max_queue_size: int = Field(256, ge=1, le=100_000, description="requests waiting per model; past it, 429")
     prefill_token_budget: int = Field(512, ge=16, le=65536, description="prompt tokens computed per batch step")
     kv_cache_mb: int = Field(1024, ge=16, description="memory for each loaded model's KV cache (MiB)")
     host: str = "127.0.0.1"

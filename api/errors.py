@@ -20,6 +20,7 @@ STATUS_BY_ERROR_TYPE = {
     "model_unloading": 503,
     "device_not_available": 503,
     "insufficient_memory": 507,
+    "overloaded": 429,
     "generation_timeout": 504,
     "generation_error": 500,
     "model_service_error": 500,
@@ -28,8 +29,14 @@ STATUS_BY_ERROR_TYPE = {
 }
 
 
+# How long an overloaded client should wait: about one short generation.
+RETRY_AFTER_S = 1
+
+
 def error_response(message: str, error_type: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": error_type, **extra}, status_code=STATUS_BY_ERROR_TYPE[error_type])
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error_type == "overloaded" else None
+    body = {"error": message, "error_type": error_type, **extra}
+    return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=headers)
 
 
 def response_for(error: Exception) -> JSONResponse:

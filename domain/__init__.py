@@ -15,6 +15,7 @@ from .errors import (
     ModelNotLoadedError,
     ModelServiceError,
     ModelUnloadingError,
+    OverloadedError,
     error_from_type,
 )
 from .generation import ChatMessage, Generation, GenerationLimits, GenerationParams, Prompt
@@ -47,6 +48,7 @@ __all__ = [
     "ModelServiceError",
     "ModelUnloadingError",
     "OptimizeMemory",
+    "OverloadedError",
     "Prompt",
     "PromptBuilder",
     "SystemMonitor",

@@ -53,6 +53,12 @@ class InsufficientMemoryError(ModelServiceError):
     error_type = "insufficient_memory"
 
 
+class OverloadedError(ModelServiceError):
+    """More requests are queued for the model than the queue holds: try again shortly."""
+
+    error_type = "overloaded"
+
+
 class GenerationError(ModelServiceError):
     error_type = "generation_error"
 
@@ -71,6 +77,7 @@ ERROR_KINDS: dict[str, type[ModelServiceError]] = {
         ModelUnloadingError,
         DeviceNotAvailableError,
         InsufficientMemoryError,
+        OverloadedError,
         GenerationError,
         GenerationTimeoutError,
     )

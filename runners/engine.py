@@ -71,6 +71,7 @@ class GenerationEngine:
             prefill_budget=settings.prefill_token_budget,
             batch_wait_s=settings.batch_wait_ms / 1000,
             kv_cache_bytes=settings.kv_cache_mb * 2**20,
+            max_queue_size=settings.max_queue_size,
         )
         self.repository = TransformersModelRepository(
             self.catalog, self.executor, limits, dtype=settings.model_dtype, batching=batching

@@ -30,6 +30,7 @@ from domain import (
     ModelNotLoadedError,
     ModelRepository,
     ModelUnloadingError,
+    OverloadedError,
     Prompt,
 )
 
@@ -64,6 +65,7 @@ class BatchingOptions:
     prefill_budget: int = 512
     batch_wait_s: float = 0.0
     kv_cache_bytes: int = 1 << 30
+    max_queue_size: int = 256
 
 
 class TransformersModelRepository(ModelRepository):
@@ -107,10 +109,12 @@ class TransformersModelRepository(ModelRepository):
             self._catalog.get(model_id)  # an unknown id is "not found", not "not loaded"
             raise ModelNotLoadedError.for_id(model_id)
         started = time.perf_counter()
+        self._check_queue_room(loaded)  # refuse at once, before the tokenizer's thread hop
         prompt_ids = await self._off_loop(lambda: encode_prompt(loaded, prompt))
         check_context_window(loaded, len(prompt_ids), params.max_new_tokens)
         request = SamplingRequest(prompt_ids, params.max_new_tokens, params.temperature, time.monotonic() + params.timeout_s)
         self._check_cache_room(loaded, request)
+        self._check_queue_room(loaded)  # others may have queued while this prompt was tokenized
         events = EventStream()
         decoder = IncrementalDecoder(loaded.tokenizer)
         with self._locks_guard:
@@ -189,6 +193,14 @@ class TransformersModelRepository(ModelRepository):
             raise InvalidRequestError(
                 f"query, context and max_length: the request needs {needed * BLOCK_SIZE} tokens of KV cache, "
                 f"past the {capacity * BLOCK_SIZE} that KV_CACHE_MB holds for {loaded.model_id!r}"
+            )
+
+    def _check_queue_room(self, loaded: LoadedModel) -> None:
+        waiting = loaded.scheduler.load["waiting"]
+        if waiting >= self._batching.max_queue_size:
+            raise OverloadedError(
+                f"{waiting} requests are already queued for {loaded.model_id!r} (MAX_QUEUE_SIZE="
+                f"{self._batching.max_queue_size}) behind a full batch; retry shortly"
             )
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -115,3 +116,29 @@ def test_clients_that_disconnect_free_their_batch_slot(run_service):
     assert wait_for_empty_batch(service.url) < 3.0
     answer = httpx.post(f"{service.url}/generate", json={"query": "What is the capital of France?", "temperature": 0})
     assert "Paris" in answer.json()["result"]
+
+
+def test_a_burst_past_the_queue_gets_429_at_once_and_the_service_goes_on(run_service):
+    service = run_service(MAX_BATCH_SIZE="16", MAX_QUEUE_SIZE="16")
+    body = {"query": "Is this post spam? Answer yes or no.", "context": ["Buy cheap watches now!"], "temperature": 0}
+
+    async def burst() -> list[tuple[int, float, str | None]]:
+        limits = httpx.Limits(max_connections=250)
+        async with httpx.AsyncClient(base_url=service.url, timeout=120, limits=limits) as http:
+
+            async def one() -> tuple[int, float, str | None]:
+                started = time.monotonic()
+                response = await http.post("/generate", json=body)
+                return response.status_code, time.monotonic() - started, response.headers.get("retry-after")
+
+            return await asyncio.gather(*(one() for _ in range(200)))
+
+    results = asyncio.run(burst())
+    statuses = {status for status, _, _ in results}
+    assert statuses <= {200, 429}, statuses
+    refused = [(seconds, retry_after) for status, seconds, retry_after in results if status == 429]
+    assert refused and len(refused) < 200
+    assert all(retry_after == "1" for _, retry_after in refused)
+    print(f"{len(refused)} refused, slowest refusal {max(s for s, _ in refused) * 1000:.0f} ms")
+    answer = httpx.post(f"{service.url}/generate", json=body, timeout=60)
+    assert answer.status_code == 200

@@ -28,6 +28,7 @@ def test_every_domain_error_type_has_a_status(error_type: str) -> None:
         ("model_not_found", 404),
         ("model_not_loaded", 503),
         ("model_unloading", 503),
+        ("overloaded", 429),
         ("device_not_available", 503),
         ("insufficient_memory", 507),
         ("generation_timeout", 504),

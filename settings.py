@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     default_model_id: str = Field("smollm2-135m-instruct", pattern=MODEL_ID_PATTERN)
     preload_default_model: bool = Field(True, description="load the default model at start-up")
     auto_load_models: bool = Field(True, description="load a model on its first request")
+    model_idle_timeout: float = Field(0.0, ge=0.0, description="seconds unused before a model is unloaded; 0 = never")
     model_dtype: str = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA and MPS")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, max_length=8000)
     max_query_chars: int = Field(32_000, ge=1)

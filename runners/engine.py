@@ -76,7 +76,9 @@ class GenerationEngine:
         self.repository = TransformersModelRepository(
             self.catalog, self.executor, limits, dtype=settings.model_dtype, batching=batching
         )
-        self.watchdog = MemoryWatchdog(self.repository, limits, keep={settings.default_model_id})
+        self.watchdog = MemoryWatchdog(
+            self.repository, limits, keep={settings.default_model_id}, idle_timeout_s=settings.model_idle_timeout
+        )
         self.watchdog.start()
         self.preload: Future | None = None
         if settings.preload_default_model:

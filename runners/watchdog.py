@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 
 from .memory import MemoryLimits, SystemMemory, release_freed_memory, system_memory
 from .repository import TransformersModelRepository
@@ -14,10 +15,11 @@ logger = logging.getLogger(__name__)
 
 
 class MemoryWatchdog:
-    """Every `interval_s`: when memory use passes MAX_MEMORY_USAGE or free memory falls below
-    MIN_MEMORY_GB, free what is garbage, then unload idle models, least recently used first, until
-    memory is back within the limits. A model a generation is using is never unloaded, and neither
-    is the default model (requests would only load it again)."""
+    """Every `interval_s`: unload models unused for `idle_timeout_s` (MODEL_IDLE_TIMEOUT, 0 = never,
+    like Ollama's keep_alive); then, when memory use passes MAX_MEMORY_USAGE or free memory falls
+    below MIN_MEMORY_GB, free what is garbage and unload idle models, least recently used first,
+    until memory is back within the limits. A model a generation is using is never unloaded, and
+    memory pressure never unloads the default model (requests would only load it again)."""
 
     def __init__(
         self,
@@ -26,7 +28,9 @@ class MemoryWatchdog:
         keep: set[str],
         interval_s: float = 5.0,
         measure: Callable[[], SystemMemory] = system_memory,
+        idle_timeout_s: float = 0.0,
     ) -> None:
+        self._idle_timeout_s = idle_timeout_s
         self._repository = repository
         self._limits = limits
         self._keep = keep
@@ -44,10 +48,10 @@ class MemoryWatchdog:
 
     def check(self) -> list[str]:
         """One round; the models it unloaded."""
+        unloaded = self._unload_expired()
         if not self._measure().over(self._limits):
-            return []
+            return unloaded
         release_freed_memory()
-        unloaded = []
         for model_id in self._repository.idle_models():
             if not self._measure().over(self._limits):
                 break
@@ -55,6 +59,18 @@ class MemoryWatchdog:
                 logger.warning("memory past its limits: unloaded idle model %s", model_id)
                 unloaded.append(model_id)
         return unloaded
+
+    def _unload_expired(self) -> list[str]:
+        if not self._idle_timeout_s:
+            return []
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=self._idle_timeout_s)
+        expired = []
+        for model_id in self._repository.idle_models():
+            loaded = self._repository.loaded(model_id)
+            if loaded is not None and loaded.last_used_at < cutoff and self._repository.unload_if_idle(model_id):
+                logger.info("unloaded %s: unused for MODEL_IDLE_TIMEOUT=%gs", model_id, self._idle_timeout_s)
+                expired.append(model_id)
+        return expired
 
     def _watch(self) -> None:
         while not self._stopped.wait(self._interval_s):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import psutil
 import pytest
@@ -194,3 +195,15 @@ def test_two_models_generate_at_the_same_time_each_in_its_own_batch(repository):
     assert "Paris" in smol.text and smol.text == smol_again.text
     assert tiny.model_id == TINY_QWEN_ID and tiny.completion_tokens >= 1
     assert repository.loaded(BUNDLED_MODEL_ID).scheduler is not repository.loaded(TINY_QWEN_ID).scheduler
+
+
+def test_models_unused_for_the_idle_timeout_are_unloaded(repository):
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    run(repository.load_model(TINY_QWEN_ID, "cpu"))
+    roomy = lambda: SystemMemory(100 * 2**30, 80 * 2**30)  # noqa: E731: no memory pressure at all
+    watchdog = MemoryWatchdog(repository, ROOMY, keep={BUNDLED_MODEL_ID}, measure=roomy, idle_timeout_s=0.3)
+    assert watchdog.check() == []
+    time.sleep(0.4)
+    run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY))  # the bundled model is used again
+    assert watchdog.check() == [TINY_QWEN_ID]
+    assert repository.loaded(BUNDLED_MODEL_ID) is not None

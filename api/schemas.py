@@ -55,6 +55,12 @@ def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], t
             None, strict=True, ge=0.0, le=MAX_TEMPERATURE, description=f"0 is greedy; default GENERATION_TEMPERATURE ({settings.generation_temperature})"
         )
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
+        timeout: float | None = Field(
+            None,
+            gt=0.0,
+            le=settings.max_generation_time,
+            description=f"seconds this request may take, queueing included; at most MAX_GENERATION_TIME ({settings.max_generation_time:g})",
+        )
         use_async: bool = Field(True, strict=True, description="generation always runs off the event loop, on the engine's threads")
 
     class LoadModelRequest(Request):

@@ -27,3 +27,4 @@ class GenerateText:
     temperature: float | None = None
     model_id: str | None = None
     use_async: bool = True
+    timeout: float | None = None

@@ -47,16 +47,20 @@ class GenerationLimits:
     default_temperature: float
     max_generation_time_s: float
 
-    def params_for(self, max_length: int | None, temperature: float | None) -> GenerationParams:
+    def params_for(
+        self, max_length: int | None, temperature: float | None, timeout_s: float | None = None
+    ) -> GenerationParams:
         if max_length is not None and max_length < 1:
             raise InvalidRequestError(f"max_length: must be at least 1, got {max_length}")
         if temperature is not None and not 0.0 <= temperature <= MAX_TEMPERATURE:
             raise InvalidRequestError(f"temperature: must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise InvalidRequestError(f"timeout: must be more than 0 seconds, got {timeout_s}")
         requested = self.max_new_tokens if max_length is None else max_length
         return GenerationParams(
             max_new_tokens=min(requested, self.max_new_tokens),
             temperature=self.default_temperature if temperature is None else temperature,
-            timeout_s=self.max_generation_time_s,
+            timeout_s=self.max_generation_time_s if timeout_s is None else min(timeout_s, self.max_generation_time_s),
         )
 
 

@@ -53,7 +53,7 @@ class GenerateTextUseCase:
         return (
             self._models.resolve_model_id(command.model_id),
             self._prompts.build(command.query, command.context),
-            self._limits.params_for(command.max_length, command.temperature),
+            self._limits.params_for(command.max_length, command.temperature, command.timeout),
         )
 
     async def _recovering(self, model_id: str, operation: Callable[[], Awaitable[T]]) -> T:

@@ -204,3 +204,23 @@ def test_with_a_batch_size_of_one_sequences_run_one_at_a_time(module_executor):
     finally:
         run(repository.unload_model(BUNDLED_MODEL_ID))
     assert max(seen_running) == 1
+
+
+def test_time_spent_queued_counts_against_the_deadline(module_executor):
+    repository = engine(module_executor, max_batch_size=1)
+    story = PromptBuilder().build("Tell a long story.", [])
+
+    async def queued_behind_a_long_one() -> None:
+        long = asyncio.create_task(repository.generate_text(BUNDLED_MODEL_ID, story, GenerationParams(60, 0.0, 120)))
+        await asyncio.sleep(0.2)
+        try:
+            await repository.generate_text(BUNDLED_MODEL_ID, PROMPTS[0], GenerationParams(10, 0.0, 0.5))
+        finally:
+            long.cancel()
+
+    try:
+        with pytest.raises(GenerationTimeoutError):
+            run(queued_behind_a_long_one())
+        assert scheduler_of(repository).load["waiting"] == 0
+    finally:
+        run(repository.unload_model(BUNDLED_MODEL_ID))

@@ -127,6 +127,7 @@ class TestGenerateRequests:
             "max_length": 5,
             "temperature": None,
             "model_id": None,
+            "timeout": None,
             "use_async": True,
         }
 

@@ -213,3 +213,12 @@ def test_limits_refuse_values_no_schema_should_have_let_through(max_length, temp
     limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
     with pytest.raises(InvalidRequestError, match=fragment):
         limits.params_for(max_length, temperature)
+
+
+def test_a_request_timeout_lowers_the_deadline_but_never_raises_it():
+    limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
+    assert limits.params_for(None, None, 5).timeout_s == 5
+    assert limits.params_for(None, None, 300).timeout_s == 30
+    assert limits.params_for(None, None).timeout_s == 30
+    with pytest.raises(InvalidRequestError, match="timeout: must be more than 0 seconds, got 0"):
+        limits.params_for(None, None, 0)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import json
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -142,3 +144,17 @@ def test_a_burst_past_the_queue_gets_429_at_once_and_the_service_goes_on(run_ser
     print(f"{len(refused)} refused, slowest refusal {max(s for s, _ in refused) * 1000:.0f} ms")
     answer = httpx.post(f"{service.url}/generate", json=body, timeout=60)
     assert answer.status_code == 200
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tmp_path):
+    service = start(tmp_path / "drain.log", {"MAX_NEW_TOKENS": "150"})
+    story = {"query": "Tell a long story about dragons.", "max_length": 150, "temperature": 0}
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(httpx.post, f"{service.url}/generate", json=story, timeout=120)
+        time.sleep(1.0)
+        service.process.send_signal(signal.SIGTERM)  # as a container runtime stops PID 1
+        answer = in_flight.result()
+    assert answer.status_code == 200 and answer.json()["completion_tokens"] > 0
+    assert service.process.wait(timeout=60) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{service.url}/readyz", timeout=2)

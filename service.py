@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from api.errors import response_for
 from api.schemas import (
+    EmptyRequest,
     GenerateResponse,
     ModelStateResponse,
     OptimizeMemoryResponse,
@@ -154,6 +155,7 @@ AIModelService.add_asgi_middleware(
         "/generate-task/submit": GenerateRequest,
         "/load-model": LoadModelRequest,
         "/unload-model": UnloadModelRequest,
+        "/optimize-memory": EmptyRequest,
     },
     max_body_bytes=settings.max_body_bytes,
 )

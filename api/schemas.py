@@ -11,6 +11,7 @@ from domain.generation import MAX_TEMPERATURE
 from settings import DEVICE_NAMES, MODEL_ID_PATTERN, Settings, validate_device
 
 MAX_LENGTH_LIMIT = 2048
+MIN_TIMEOUT_S = 0.01
 
 
 def _no_nul(value: str) -> str:
@@ -57,7 +58,7 @@ def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], t
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
         timeout: float | None = Field(
             None,
-            gt=0.0,
+            ge=MIN_TIMEOUT_S,  # not gt=0: OpenAPI 3.0, which BentoML writes, has no numeric exclusiveMinimum
             le=settings.max_generation_time,
             description=f"seconds this request may take, queueing included; at most MAX_GENERATION_TIME ({settings.max_generation_time:g})",
         )
@@ -71,6 +72,10 @@ def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], t
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
 
     return GenerateRequest, LoadModelRequest, UnloadModelRequest
+
+
+class EmptyRequest(Request):
+    """For routes that take no parameters: an empty body or `{}`; anything else is refused."""
 
 
 class GenerateResponse(BaseModel):

@@ -24,6 +24,7 @@ from .paged_attention import PromptChunk, StepPlan
 
 logger = logging.getLogger(__name__)
 
+GREEDY_BELOW = 1e-3
 # transformers returns a 4D mask as it is: this one is never read (attention uses the step plan).
 PREPARED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
@@ -284,7 +285,8 @@ class BatchScheduler:
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
         temperatures = torch.tensor([s.request.temperature for s in sequences], device=logits.device)
         chosen = logits.argmax(dim=-1)
-        sampling = temperatures > 0
+        # Below this a temperature is greedy in effect; dividing by it would overflow to inf and NaN.
+        sampling = temperatures >= GREEDY_BELOW
         if bool(sampling.any()):
             rows = sampling.nonzero().flatten()
             probabilities = torch.softmax(logits[rows].float() / temperatures[rows, None], dim=-1)

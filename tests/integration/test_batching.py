@@ -224,3 +224,17 @@ def test_time_spent_queued_counts_against_the_deadline(module_executor):
         assert scheduler_of(repository).load["waiting"] == 0
     finally:
         run(repository.unload_model(BUNDLED_MODEL_ID))
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-8, 1e-4])
+def test_a_vanishing_temperature_is_greedy_and_never_breaks_the_batch(batched, temperature):
+    tiny = GenerationParams(max_new_tokens=12, temperature=temperature, timeout_s=120)
+
+    async def with_a_neighbour() -> list[Generation]:
+        return await asyncio.gather(
+            batched.generate_text(BUNDLED_MODEL_ID, PROMPTS[0], tiny),
+            batched.generate_text(BUNDLED_MODEL_ID, PROMPTS[0], GREEDY),
+        )
+
+    odd, neighbour = run(with_a_neighbour())
+    assert odd.text == neighbour.text == "The capital of France is Paris."

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from api.admission import AdmissionMiddleware
 from api.errors import response_for
 from api.schemas import (
     EmptyRequest,
@@ -146,6 +147,11 @@ class AIModelService:
         return OptimizeMemoryResponse(status="optimized", **await self.models.optimize_memory(OptimizeMemory()))
 
 
+GENERATION_ROUTES = {"/generate", "/generate/stream", "/generate-task", "/generate-task/submit"}
+# Outermost first: a request over the cap is refused before its body is read.
+AIModelService.add_asgi_middleware(
+    AdmissionMiddleware, paths=GENERATION_ROUTES, limit=settings.admission_limit_per_worker
+)
 AIModelService.add_asgi_middleware(
     RequestValidationMiddleware,
     schemas={

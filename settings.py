@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # Batching (measured defaults: BENCHMARKS.md).
     max_batch_size: int = Field(32, ge=1, le=1024, description="sequences per batch step; 1 turns batching off")
     batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long an idle engine waits to gather a burst")
+    max_concurrent_requests: int = Field(
+        512, ge=1, le=100_000, description="generation requests in flight across the HTTP workers; past it, 429"
+    )
     max_queue_size: int = Field(256, ge=1, le=100_000, description="requests waiting per model; past it, 429")
     prefill_token_budget: int = Field(512, ge=16, le=65536, description="prompt tokens computed per batch step")
     kv_cache_mb: int = Field(1024, ge=16, description="memory for each loaded model's KV cache (MiB)")
@@ -75,6 +78,10 @@ class Settings(BaseSettings):
         """The largest body the text limits allow: 4 bytes a UTF-8 character, and room for the other fields."""
         characters = self.max_query_chars + self.max_context_items * self.max_context_item_chars
         return characters * 4 + 64 * 1024
+
+    @property
+    def admission_limit_per_worker(self) -> int:
+        return max(1, -(-self.max_concurrent_requests // self.max_processes))
 
     @property
     def generation_limits(self) -> GenerationLimits:

@@ -121,7 +121,7 @@ def test_clients_that_disconnect_free_their_batch_slot(run_service):
 
 
 def test_a_burst_past_the_queue_gets_429_at_once_and_the_service_goes_on(run_service):
-    service = run_service(MAX_BATCH_SIZE="16", MAX_QUEUE_SIZE="16")
+    service = run_service(MAX_BATCH_SIZE="16", MAX_CONCURRENT_REQUESTS="32")
     body = {"query": "Is this post spam? Answer yes or no.", "context": ["Buy cheap watches now!"], "temperature": 0}
 
     async def burst() -> list[tuple[int, float, str | None]]:
@@ -141,7 +141,8 @@ def test_a_burst_past_the_queue_gets_429_at_once_and_the_service_goes_on(run_ser
     refused = [(seconds, retry_after) for status, seconds, retry_after in results if status == 429]
     assert refused and len(refused) < 200
     assert all(retry_after == "1" for _, retry_after in refused)
-    print(f"{len(refused)} refused, slowest refusal {max(s for s, _ in refused) * 1000:.0f} ms")
+    latencies = sorted(seconds for seconds, _ in refused)
+    print(f"{len(refused)} refused: median {latencies[len(latencies) // 2] * 1000:.0f} ms, slowest {latencies[-1] * 1000:.0f} ms")
     answer = httpx.post(f"{service.url}/generate", json=body, timeout=60)
     assert answer.status_code == 200
 

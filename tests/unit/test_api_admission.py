@@ -1,0 +1,65 @@
+"""AdmissionMiddleware: past its limit a generation request is refused at once with 429."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from api.admission import AdmissionMiddleware
+
+
+def scope(path: str = "/generate", method: str = "POST") -> dict:
+    return {"type": "http", "method": method, "path": path, "headers": [], "query_string": b""}
+
+
+async def call(app, request_scope: dict) -> tuple[int, dict, dict]:
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(request_scope, receive, send)
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    body = b"".join(message.get("body", b"") for message in sent if message["type"] == "http.response.body")
+    headers = {key.decode(): value.decode() for key, value in start["headers"]}
+    return start["status"], headers, json.loads(body) if body else {}
+
+
+def slow_app(release: asyncio.Event):
+    async def app(scope, receive, send) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return app
+
+
+def test_requests_past_the_limit_get_429_with_retry_after_while_others_run():
+    async def scenario():
+        release = asyncio.Event()
+        gate = AdmissionMiddleware(slow_app(release), paths={"/generate"}, limit=2)
+        running = [asyncio.create_task(call(gate, scope())) for _ in range(2)]
+        await asyncio.sleep(0)
+        refused = await call(gate, scope())
+        release.set()
+        return refused, [await task for task in running], gate.in_flight
+
+    (status, headers, body), admitted, left = asyncio.run(scenario())
+    assert status == 429 and headers["retry-after"] == "1"
+    assert body["error_type"] == "overloaded" and "limit of 2" in body["error"]
+    assert [result[0] for result in admitted] == [200, 200]
+    assert left == 0
+
+
+def test_other_routes_and_methods_are_never_counted():
+    async def scenario():
+        release = asyncio.Event()
+        release.set()
+        gate = AdmissionMiddleware(slow_app(release), paths={"/generate"}, limit=0)
+        return await call(gate, scope("/health", "GET")), await call(gate, scope("/load-model"))
+
+    (health, _, _), (load, _, _) = asyncio.run(scenario())
+    assert health == load == 200

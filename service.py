@@ -82,7 +82,9 @@ class AIModelService:
 
     def __init__(self) -> None:
         self.engine_client = client = EngineClient(self.engine, timeout_s=HTTP_TIMEOUT_S)
-        self.models = ModelService(client, client, settings.default_model_id, settings.device_type)
+        self.models = ModelService(
+            client, client, settings.default_model_id, settings.device_type, settings.model_idle_timeout
+        )
         self.generate_text = GenerateTextUseCase(
             self.models, client, settings.prompt_builder, settings.generation_limits, settings.auto_load_models
         )

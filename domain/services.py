@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from .commands import LoadModel, OptimizeMemory, UnloadModel
@@ -18,11 +19,13 @@ class ModelService:
         monitor: SystemMonitor,
         default_model_id: str,
         default_device: str = "auto",
+        idle_timeout_s: float = 0.0,
     ) -> None:
         self._repository = repository
         self._monitor = monitor
         self.default_model_id = default_model_id
         self.default_device = default_device
+        self.idle_timeout_s = idle_timeout_s
 
     def resolve_model_id(self, model_id: str | None) -> str:
         return model_id or self.default_model_id
@@ -61,7 +64,28 @@ class ModelService:
 
     async def memory_usage(self) -> dict[str, Any]:
         usage = await self._monitor.memory_usage()
-        return {**usage, "loaded_models_count": len(await self.loaded_models())}
+        loaded = await self.loaded_models()
+        return {
+            **usage,
+            "loaded_models_count": len(loaded),
+            "loaded_models": [self._footprint(model) for model in loaded],
+        }
+
+    def _footprint(self, model: Model) -> dict[str, Any]:
+        """A loaded model's memory and use; `idle_unload_at` is when MODEL_IDLE_TIMEOUT unloads it if unused."""
+        metadata = model.metadata or {}
+        last_used = metadata.get("last_used_at")
+        unload_at = None
+        if self.idle_timeout_s and last_used:
+            unload_at = (datetime.fromisoformat(last_used) + timedelta(seconds=self.idle_timeout_s)).isoformat()
+        return {
+            "id": model.id,
+            "device": model.device,
+            "memory_mb": metadata.get("memory_mb"),
+            "kv_cache_mb": metadata.get("kv_cache_mb"),
+            "last_used_at": last_used,
+            "idle_unload_at": unload_at,
+        }
 
     async def system_info(self) -> dict[str, Any]:
         info = await self._monitor.system_info()

@@ -83,6 +83,9 @@ def test_memory_usage_reports_rss_vms_percent_and_models(http, default_model_loa
     assert body["rss_mb"] > 100 and body["vms_mb"] >= body["rss_mb"]
     assert 0 < body["percent"] < 100
     assert body["loaded_models_count"] >= 1
+    model = next(model for model in body["loaded_models"] if model["id"] == DEFAULT_MODEL)
+    assert model["device"] == "cpu" and model["memory_mb"] > 400 and model["kv_cache_mb"] > 0
+    assert model["last_used_at"] and model["idle_unload_at"] is None  # MODEL_IDLE_TIMEOUT=0: never
 
 
 def test_models_lists_the_store(http):

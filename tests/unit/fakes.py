@@ -25,6 +25,7 @@ from domain import (
 )
 
 CREATED_AT = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
+LAST_USED = datetime(2024, 1, 2, 8, 30, tzinfo=timezone.utc)
 
 
 def catalog_entry(model_id: str, version: str = "v1") -> CatalogEntry:
@@ -133,7 +134,7 @@ class FakeModelRepository(ModelRepository):
             path=entry.path,
             created_at=entry.created_at,
             updated_at=entry.created_at,
-            metadata=dict(entry.metadata),
+            metadata={**entry.metadata, **({"last_used_at": LAST_USED.isoformat()} if model_id in self.loaded else {})},
         )
 
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 
 from domain import LoadModel, ModelNotFoundError, ModelService, OptimizeMemory, UnloadModel
-from tests.unit.fakes import DEFAULT_MODEL_ID, TEST_MODEL_ID, FakeModelRepository, FakeSystemMonitor, InMemoryCatalog
+from tests.unit.fakes import (
+    DEFAULT_MODEL_ID,
+    LAST_USED,
+    TEST_MODEL_ID,
+    FakeModelRepository,
+    FakeSystemMonitor,
+    InMemoryCatalog,
+)
 
 
 def test_load_model_on_cpu_gives_a_loaded_model_on_cpu(service: ModelService) -> None:
@@ -179,7 +187,12 @@ def test_memory_usage_adds_the_loaded_models_count_to_the_monitors_figures(servi
 
     usage = asyncio.run(service.memory_usage())
 
-    assert usage == {"rss_mb": 512.0, "system_percent": 42.0, "loaded_models_count": 1}
+    assert {key: usage[key] for key in ("rss_mb", "system_percent", "loaded_models_count")} == {
+        "rss_mb": 512.0,
+        "system_percent": 42.0,
+        "loaded_models_count": 1,
+    }
+    assert [model["id"] for model in usage["loaded_models"]] == [TEST_MODEL_ID]
 
 
 def test_system_info_adds_the_loaded_models_count_to_the_monitors_figures(service: ModelService) -> None:
@@ -189,3 +202,14 @@ def test_system_info_adds_the_loaded_models_count_to_the_monitors_figures(servic
     info = asyncio.run(service.system_info())
 
     assert info == {"platform": "fake", "cpu_count": 4, "loaded_models_count": 2}
+
+
+def test_memory_usage_shows_each_loaded_model_and_when_idleness_unloads_it(repository, monitor) -> None:
+    service = ModelService(repository, monitor, default_model_id=DEFAULT_MODEL_ID, idle_timeout_s=60)
+    asyncio.run(service.load_model(LoadModel(DEFAULT_MODEL_ID)))
+
+    (model,) = asyncio.run(service.memory_usage())["loaded_models"]
+
+    assert model["id"] == DEFAULT_MODEL_ID and model["device"] == "cpu"
+    assert model["last_used_at"] == LAST_USED.isoformat()
+    assert model["idle_unload_at"] == (LAST_USED + timedelta(seconds=60)).isoformat()

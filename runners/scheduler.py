@@ -103,6 +103,7 @@ class BatchScheduler:
         self._ids = count()
         self._wakeup = threading.Condition()
         self._stopped = False
+        self._stop_reason = ""
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self.steps = 0
 
@@ -114,7 +115,7 @@ class BatchScheduler:
     def stop(self, reason: str) -> None:
         """Ends the thread after its current step; every sequence still there is cancelled with `reason`."""
         with self._wakeup:
-            self._stopped = True
+            self._stopped, self._stop_reason = True, reason
             self._wakeup.notify()
         self._thread.join(timeout=60)
         for sequence in [*self._waiting, *self._running]:
@@ -125,8 +126,12 @@ class BatchScheduler:
     def submit(self, request: SamplingRequest, sink: Sink) -> Sequence:
         sequence = Sequence(next(self._ids), request, sink, block_hashes(request.prompt_ids))
         with self._wakeup:
-            self._waiting.append(sequence)
-            self._wakeup.notify()
+            stopped = self._stopped
+            if not stopped:
+                self._waiting.append(sequence)
+                self._wakeup.notify()
+        if stopped:  # raced with an unload: no thread is left to run it
+            self._finish(sequence, "cancelled", self._stop_reason)
         return sequence
 
     def blocks_needed(self, request: SamplingRequest) -> int:

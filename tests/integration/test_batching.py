@@ -18,6 +18,7 @@ from domain import (
     PromptBuilder,
 )
 from runners.repository import BatchingOptions, TransformersModelRepository
+from runners.scheduler import SamplingRequest
 
 from .support import BUNDLED_MODEL_ID, ROOMY, DirectoryCatalog
 
@@ -238,3 +239,13 @@ def test_a_vanishing_temperature_is_greedy_and_never_breaks_the_batch(batched, t
 
     odd, neighbour = run(with_a_neighbour())
     assert odd.text == neighbour.text == "The capital of France is Paris."
+
+
+def test_a_request_that_races_an_unload_ends_with_model_unloading_not_a_hang(module_executor):
+    repository = engine(module_executor)
+    loaded = repository.loaded(BUNDLED_MODEL_ID)
+    run(repository.unload_model(BUNDLED_MODEL_ID))  # the scheduler is stopped; `loaded` is stale
+    finished = []
+    loaded.scheduler.submit(SamplingRequest([1, 2, 3], 4, 0.0, time.monotonic() + 5), finished.append)
+    assert [event.reason for event in finished] == ["cancelled"]
+    assert finished[0].detail == "the model was unloaded"

@@ -62,6 +62,7 @@ class GenerationEngine:
         from .watchdog import MemoryWatchdog
 
         self.memory = memory
+        memory.limit_malloc_arenas()
         configure_torch(settings.cpu_threads, settings.gpu_memory_fraction)
         self.executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="engine")
         self.catalog = BentoModelStoreCatalog()

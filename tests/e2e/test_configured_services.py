@@ -159,3 +159,54 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tmp_path):
     assert service.process.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{service.url}/readyz", timeout=2)
+
+
+def engine_rss_mb(url: str) -> float:
+    return httpx.get(f"{url}/memory-usage", timeout=30).json()["rss_mb"]
+
+
+def test_load_and_unload_under_16_streams_give_no_500_and_give_the_memory_back(run_service):
+    service = run_service(PRELOAD_DEFAULT_MODEL="false")
+    france = {"query": "What is the capital of France? Answer in one sentence.", "temperature": 0}
+
+    async def sixteen_streams(flips: int) -> tuple[list[int], list[str]]:
+        statuses, stream_errors = [], []
+        async with httpx.AsyncClient(base_url=service.url, timeout=120) as http:
+
+            async def stream_once() -> None:
+                async with http.stream("POST", "/generate/stream", json=france) as response:
+                    statuses.append(response.status_code)
+                    if response.status_code != 200:
+                        stream_errors.append(json.loads(await response.aread())["error_type"])
+                        return  # an error before the first token keeps its status
+                    async for line in response.aiter_lines():
+                        if '"error_type"' in line:
+                            stream_errors.append(json.loads(line[6:])["error_type"])
+
+            async def client(turns: int) -> None:
+                for _ in range(turns):
+                    await stream_once()
+
+            async def flip_model() -> None:
+                for _ in range(flips):
+                    await asyncio.sleep(0.7)
+                    for route in ("/unload-model", "/load-model"):
+                        response = await http.post(route, json={})
+                        statuses.append(response.status_code)
+                        if response.status_code != 200:
+                            stream_errors.append(f"{route}: {response.text}")
+                        await asyncio.sleep(0.3)
+
+            await asyncio.gather(flip_model(), *(client(4) for _ in range(16)))
+            await http.post("/unload-model", json={})
+        return statuses, stream_errors
+
+    asyncio.run(sixteen_streams(flips=1))  # the first traffic allocates what later traffic reuses
+    before = engine_rss_mb(service.url)
+    statuses, stream_errors = asyncio.run(sixteen_streams(flips=3))
+    after = engine_rss_mb(service.url)
+    print(f"engine RSS with the model unloaded: {before:.0f} MB before, {after:.0f} MB after 3 load/unload cycles")
+    assert not [status for status in statuses if status >= 500 and status != 503], (statuses, stream_errors)
+    assert set(stream_errors) <= {"model_unloading", "model_not_loaded"}, stream_errors
+    assert statuses.count(200) >= 48  # most requests are served; the rest meet an unload
+    assert after < before * 1.10

@@ -8,8 +8,6 @@ from starlette.responses import JSONResponse
 
 from domain import ModelServiceError
 
-from .streaming import ClientDisconnected
-
 logger = logging.getLogger(__name__)
 
 STATUS_BY_ERROR_TYPE = {
@@ -33,16 +31,25 @@ STATUS_BY_ERROR_TYPE = {
 RETRY_AFTER_S = 1
 
 
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready; the work was cancelled."""
+
+
 def error_response(message: str, error_type: str, **extra) -> JSONResponse:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if error_type == "overloaded" else None
     body = {"error": message, "error_type": error_type, **extra}
     return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=headers)
 
 
-def response_for(error: Exception) -> JSONResponse:
+def error_body(error: Exception) -> dict[str, str]:
     if isinstance(error, ModelServiceError):
-        return error_response(error.message, error.error_type)
+        return error.to_dict()
     if isinstance(error, ClientDisconnected):  # nobody reads it; the status shows in the access log
-        return error_response(str(error), "client_disconnected")
+        return {"error": str(error), "error_type": "client_disconnected"}
     logger.exception("unexpected error", exc_info=error)
-    return error_response(f"internal error: {type(error).__name__}; see the service log", "internal_error")
+    return {"error": f"internal error: {type(error).__name__}; see the service log", "error_type": "internal_error"}
+
+
+def response_for(error: Exception) -> JSONResponse:
+    body = error_body(error)
+    return error_response(body["error"], body["error_type"])

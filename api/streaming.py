@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from domain import Generation, ModelServiceError
+from domain import Generation
 
-logger = logging.getLogger(__name__)
+from .errors import ClientDisconnected, error_body
+
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before its answer was ready; the work was cancelled."""
 
 
 def event(payload: dict[str, Any]) -> str:
@@ -38,11 +34,8 @@ async def server_sent_events(
     try:
         async for item in items():
             yield event({"done": True, **final(item)} if isinstance(item, Generation) else {"text": item})
-    except ModelServiceError as error:
-        yield event({"error": error.message, "error_type": error.error_type})
     except Exception as error:  # noqa: BLE001: the stream ends with an error event, never a cut connection
-        logger.exception("stream failed")
-        yield event({"error": f"internal error: {type(error).__name__}; see the service log", "error_type": "internal_error"})
+        yield event(error_body(error))
 
 
 async def _disconnected(request: Request) -> None:

@@ -17,6 +17,7 @@ from .errors import (
     ModelUnloadingError,
     OverloadedError,
     error_from_type,
+    raise_if_error,
 )
 from .generation import ChatMessage, Generation, GenerationLimits, GenerationParams, Prompt
 from .model import Model
@@ -54,4 +55,5 @@ __all__ = [
     "SystemMonitor",
     "UnloadModel",
     "error_from_type",
+    "raise_if_error",
 ]

@@ -10,6 +10,9 @@ class ModelServiceError(Exception):
         super().__init__(message)
         self.message = message
 
+    def to_dict(self) -> dict[str, str]:
+        return {"error": self.message, "error_type": self.error_type}
+
 
 class InvalidRequestError(ModelServiceError):
     """The request breaks a limit that only the engine can check (the prompt against the context window)."""
@@ -87,3 +90,9 @@ ERROR_KINDS: dict[str, type[ModelServiceError]] = {
 def error_from_type(error_type: str, message: str) -> ModelServiceError:
     """Rebuilds an error that crossed a process boundary as `{"error_type", "error"}`."""
     return ERROR_KINDS.get(error_type, ModelServiceError)(message)
+
+
+def raise_if_error(message: dict) -> None:
+    """Raises the error a message carries, if it is one (see ModelServiceError.to_dict)."""
+    if "error_type" in message:
+        raise error_from_type(message["error_type"], message["error"])

@@ -20,7 +20,7 @@ from domain import (
     ModelRepository,
     Prompt,
     SystemMonitor,
-    error_from_type,
+    raise_if_error,
 )
 
 
@@ -29,16 +29,14 @@ STREAM_ROUTE = "/stream_text"
 
 def decode_line(line: str) -> str | Generation:
     message = json.loads(line)
-    if "error_type" in message:
-        raise error_from_type(message["error_type"], message["error"])
+    raise_if_error(message)
     if "generation" in message:
         return Generation.from_dict(message["generation"])
     return message["text"]
 
 
 def unwrap(reply: dict[str, Any]) -> Any:
-    if "error_type" in reply:
-        raise error_from_type(reply["error_type"], reply["error"])
+    raise_if_error(reply)
     return reply["result"]
 
 

@@ -31,7 +31,7 @@ async def reply(operation: Awaitable[Any]) -> Reply:
     try:
         return {"result": await operation}
     except ModelServiceError as error:
-        return {"error": error.message, "error_type": error.error_type}
+        return error.to_dict()
 
 
 def require_in_store(model_id: str) -> str:
@@ -53,7 +53,6 @@ class GenerationEngine:
     default_model = bentoml.models.BentoModel(require_in_store(settings.default_model_id))
 
     def __init__(self) -> None:
-        os.environ.setdefault("OMP_NUM_THREADS", str(min(settings.cpu_threads, os.cpu_count() or 1)))
         # Imported here, not at the top: the API workers import this module for `bentoml.depends`
         # and need neither torch nor transformers.
         from . import memory
@@ -130,7 +129,7 @@ class GenerationEngine:
                 message = {"generation": item.to_dict()} if isinstance(item, Generation) else {"text": item}
                 yield json.dumps(message) + "\n"
         except ModelServiceError as error:
-            yield json.dumps({"error": error.message, "error_type": error.error_type}) + "\n"
+            yield json.dumps(error.to_dict()) + "\n"
 
     @bentoml.api
     async def memory_usage(self) -> Reply:

@@ -34,11 +34,7 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int:
-        return context_length(self.model)
-
-
-def context_length(model: PreTrainedModel) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -166,7 +166,6 @@ class TransformersModelRepository(ModelRepository):
         with self._lock_for(model_id):
             if model_id in self._loaded:
                 self._drop(model_id)
-                self._changed_at[model_id] = _now()
         return self._describe(entry)
 
     def idle_models(self) -> list[str]:
@@ -181,7 +180,6 @@ class TransformersModelRepository(ModelRepository):
                 if model_id not in self._loaded or self._active[model_id]:
                     return False
             self._drop(model_id)
-            self._changed_at[model_id] = _now()
             return True
 
     def loaded(self, model_id: str) -> LoadedModel | None:
@@ -196,7 +194,7 @@ class TransformersModelRepository(ModelRepository):
             )
 
     def _check_queue_room(self, loaded: LoadedModel) -> None:
-        waiting = loaded.scheduler.load["waiting"]
+        waiting = loaded.scheduler.waiting
         if waiting >= self._batching.max_queue_size:
             raise OverloadedError(
                 f"{waiting} requests are already queued for {loaded.model_id!r} (MAX_QUEUE_SIZE="
@@ -286,6 +284,7 @@ class TransformersModelRepository(ModelRepository):
 
     def _drop(self, model_id: str) -> None:
         loaded = self._loaded.pop(model_id)
+        self._changed_at[model_id] = _now()
         loaded.scheduler.stop(UNLOADED)
         device = loaded.device
         del loaded  # the last reference to the weights: the memory can go

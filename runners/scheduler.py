@@ -15,7 +15,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import count
 
 import torch
 
@@ -57,7 +56,6 @@ class SamplingRequest:
 
 @dataclass(eq=False)
 class Sequence:
-    id: int
     request: SamplingRequest
     sink: Sink
     hashes: list[int]
@@ -100,7 +98,6 @@ class BatchScheduler:
         self._device = next(model.parameters()).device
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._ids = count()
         self._wakeup = threading.Condition()
         self._stopped = False
         self._stop_reason = ""
@@ -124,7 +121,7 @@ class BatchScheduler:
         self._running.clear()
 
     def submit(self, request: SamplingRequest, sink: Sink) -> Sequence:
-        sequence = Sequence(next(self._ids), request, sink, block_hashes(request.prompt_ids))
+        sequence = Sequence(request, sink, block_hashes(request.prompt_ids))
         with self._wakeup:
             stopped = self._stopped
             if not stopped:
@@ -142,12 +139,16 @@ class BatchScheduler:
         return self._cache.allocator.usable
 
     @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
     def load(self) -> dict[str, int]:
         """Sequences in the batch and in the queue, and the prefix cache's hits (in blocks)."""
         allocator = self._cache.allocator
         return {
             "running": len(self._running),
-            "waiting": len(self._waiting),
+            "waiting": self.waiting,
             "max_batch_size": self.max_batch_size,
             "free_kv_blocks": allocator.available,
             "prefix_cache_hits": allocator.prefix_hits,

@@ -9,6 +9,7 @@ request into a command, runs it through the domain, and answers the result or th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
@@ -19,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from api.admission import AdmissionMiddleware
+from api.admission import AdmissionGate, AdmissionMiddleware
 from api.errors import response_for
 from api.schemas import (
     EmptyRequest,
@@ -31,7 +32,8 @@ from api.schemas import (
 from api.streaming import cancel_on_disconnect, server_sent_events
 from api.validation import RequestValidationMiddleware
 from domain import Generation, GenerateText, GenerateTextUseCase, LoadModel, ModelService, OptimizeMemory, UnloadModel
-from runners.client import EngineClient
+from runners.client import ENGINE_UNREACHABLE, EngineClient
+from runners.drain import defer_sigterm, drain_limit_s
 from runners.engine import GenerationEngine
 from settings import get_settings
 
@@ -39,6 +41,9 @@ settings = get_settings()
 GenerateRequest, LoadModelRequest, UnloadModelRequest = request_schemas(settings)
 # The engine enforces MAX_GENERATION_TIME inside generation; this only catches a stuck hop.
 HTTP_TIMEOUT_S = int(settings.max_generation_time) + 60
+READINESS_PROBE_TIMEOUT_S = 2
+# This worker's generation requests: counted against the cap, refused while draining for shutdown.
+admission = AdmissionGate(limit=settings.admission_limit_per_worker)
 
 
 async def answer(operation: Awaitable[Any], ctx: bentoml.Context | None = None) -> Any:
@@ -88,6 +93,21 @@ class AIModelService:
         self.generate_text = GenerateTextUseCase(
             self.models, client, settings.prompt_builder, settings.generation_limits, settings.auto_load_models
         )
+        defer_sigterm(
+            busy=lambda: admission.in_flight > 0,
+            on_drain=lambda: setattr(admission, "draining", True),
+            limit_s=drain_limit_s(settings.max_generation_time),
+        )
+
+    async def __is_ready__(self) -> bool:
+        """503 from /readyz while draining, and while the engine is down (crashed, restarting) or not ready."""
+        if admission.draining:
+            return False
+        try:  # a restarting engine's socket accepts and then says nothing: hence the outer timeout too
+            async with asyncio.timeout(READINESS_PROBE_TIMEOUT_S):
+                return await self.engine.is_ready(READINESS_PROBE_TIMEOUT_S)
+        except (TimeoutError, *ENGINE_UNREACHABLE):  # BentoML's own probe lets these escape as a 500
+            return False
 
     @bentoml.on_shutdown
     async def close_engine_client(self) -> None:
@@ -151,9 +171,7 @@ class AIModelService:
 
 GENERATION_ROUTES = {"/generate", "/generate/stream", "/generate-task", "/generate-task/submit"}
 # Outermost first: a request over the cap is refused before its body is read.
-AIModelService.add_asgi_middleware(
-    AdmissionMiddleware, paths=GENERATION_ROUTES, limit=settings.admission_limit_per_worker
-)
+AIModelService.add_asgi_middleware(AdmissionMiddleware, paths=GENERATION_ROUTES, gate=admission)
 AIModelService.add_asgi_middleware(
     RequestValidationMiddleware,
     schemas={

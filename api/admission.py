@@ -1,34 +1,50 @@
 """Admission control in the HTTP process: past the cap, a generation request is refused with 429
-at once, before its body is read or the engine is asked. The engine's MAX_QUEUE_SIZE check stays
-the global bound; this one keeps a burst from piling up in front of it."""
+at once, before its body is read or the engine is asked; while the worker drains for shutdown,
+with 503. The engine's MAX_QUEUE_SIZE check stays the global bound; this one keeps a burst from
+piling up in front of it."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import error_response
 
 
+@dataclass
+class AdmissionGate:
+    """One per HTTP worker, shared by its middleware (which counts) and its shutdown drain (which waits)."""
+
+    limit: int
+    in_flight: int = 0
+    draining: bool = False
+
+
 class AdmissionMiddleware:
-    def __init__(self, app: ASGIApp, paths: set[str], limit: int) -> None:
+    def __init__(self, app: ASGIApp, paths: set[str], gate: AdmissionGate) -> None:
         self.app = app
         self.paths = paths
-        self.limit = limit
-        self.in_flight = 0
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        gate = self.gate
+        if gate.draining:
+            message = "the service is shutting down and takes no new generation requests; retry on another instance"
+            await error_response(message, "shutting_down")(scope, receive, send)
+            return
+        if gate.in_flight >= gate.limit:
             message = (
-                f"the service is at its limit of {self.limit} generation requests in this worker "
+                f"the service is at its limit of {gate.limit} generation requests in this worker "
                 f"(MAX_CONCURRENT_REQUESTS across the workers); retry shortly"
             )
             await error_response(message, "overloaded")(scope, receive, send)
             return
-        self.in_flight += 1
+        gate.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            gate.in_flight -= 1

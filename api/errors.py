@@ -19,6 +19,8 @@ STATUS_BY_ERROR_TYPE = {
     "device_not_available": 503,
     "insufficient_memory": 507,
     "overloaded": 429,
+    "shutting_down": 503,
+    "engine_unavailable": 503,
     "generation_timeout": 504,
     "generation_error": 500,
     "model_service_error": 500,
@@ -27,8 +29,9 @@ STATUS_BY_ERROR_TYPE = {
 }
 
 
-# How long an overloaded client should wait: about one short generation.
+# How long a refused client should wait: about one short generation.
 RETRY_AFTER_S = 1
+RETRY_LATER = {"overloaded", "shutting_down", "engine_unavailable"}
 
 
 class ClientDisconnected(Exception):
@@ -36,7 +39,7 @@ class ClientDisconnected(Exception):
 
 
 def error_response(message: str, error_type: str, **extra) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error_type == "overloaded" else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error_type in RETRY_LATER else None
     body = {"error": message, "error_type": error_type, **extra}
     return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=headers)
 

@@ -16,6 +16,7 @@ from .errors import (
     ModelServiceError,
     ModelUnloadingError,
     OverloadedError,
+    EngineUnavailableError,
     error_from_type,
     raise_if_error,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "ModelUnloadingError",
     "OptimizeMemory",
     "OverloadedError",
+    "EngineUnavailableError",
     "Prompt",
     "PromptBuilder",
     "SystemMonitor",

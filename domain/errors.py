@@ -62,6 +62,12 @@ class OverloadedError(ModelServiceError):
     error_type = "overloaded"
 
 
+class EngineUnavailableError(ModelServiceError):
+    """The generation engine cannot be reached: it is restarting after a crash, or shutting down."""
+
+    error_type = "engine_unavailable"
+
+
 class GenerationError(ModelServiceError):
     error_type = "generation_error"
 
@@ -81,6 +87,7 @@ ERROR_KINDS: dict[str, type[ModelServiceError]] = {
         DeviceNotAvailableError,
         InsufficientMemoryError,
         OverloadedError,
+        EngineUnavailableError,
         GenerationError,
         GenerationTimeoutError,
     )

@@ -51,8 +51,9 @@ class ModelService:
         models = await self.list_models()
         loaded = [model for model in models if model.is_loaded]
         default_loaded = any(model.id == self.default_model_id for model in loaded)
+        failed = any((model.metadata or {}).get("engine_error") for model in loaded)
         return {
-            "status": "healthy" if default_loaded else "degraded",
+            "status": "unhealthy" if failed else "healthy" if default_loaded else "degraded",
             "service": SERVICE_NAME,
             "default_model_id": self.default_model_id,
             "default_model_loaded": default_loaded,

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import aiohttp
 import anyio
 import httpx
 
 from domain import (
+    EngineUnavailableError,
     Generation,
     GenerationError,
     GenerationParams,
@@ -25,6 +27,8 @@ from domain import (
 
 
 STREAM_ROUTE = "/stream_text"
+# How a call fails when the engine process is gone: BentoML's proxy speaks aiohttp, our stream httpx.
+ENGINE_UNREACHABLE = (aiohttp.ClientConnectionError, httpx.TransportError)
 
 
 def decode_line(line: str) -> str | Generation:
@@ -35,7 +39,17 @@ def decode_line(line: str) -> str | Generation:
     return message["text"]
 
 
-def unwrap(reply: dict[str, Any]) -> Any:
+def unreachable(error: Exception) -> EngineUnavailableError:
+    return EngineUnavailableError(
+        f"the generation engine cannot be reached ({type(error).__name__}); it is restarting or shutting down, retry shortly"
+    )
+
+
+async def unwrap(call: Awaitable[dict[str, Any]]) -> Any:
+    try:
+        reply = await call
+    except ENGINE_UNREACHABLE as error:
+        raise unreachable(error) from error
     raise_if_error(reply)
     return reply["result"]
 
@@ -49,16 +63,16 @@ class EngineClient(ModelRepository, SystemMonitor):
         self._stream_http: httpx.AsyncClient | None = None
 
     async def load_model(self, model_id: str, device: str = "auto") -> Model:
-        return Model.from_dict(unwrap(await self._engine.load_model(model_id=model_id, device=device)))
+        return Model.from_dict(await unwrap(self._engine.load_model(model_id=model_id, device=device)))
 
     async def unload_model(self, model_id: str) -> Model:
-        return Model.from_dict(unwrap(await self._engine.unload_model(model_id=model_id)))
+        return Model.from_dict(await unwrap(self._engine.unload_model(model_id=model_id)))
 
     async def get_model(self, model_id: str) -> Model:
-        return Model.from_dict(unwrap(await self._engine.get_model(model_id=model_id)))
+        return Model.from_dict(await unwrap(self._engine.get_model(model_id=model_id)))
 
     async def list_models(self) -> list[Model]:
-        return [Model.from_dict(model) for model in unwrap(await self._engine.list_models())]
+        return [Model.from_dict(model) for model in await unwrap(self._engine.list_models())]
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
         request = {
@@ -71,11 +85,14 @@ class EngineClient(ModelRepository, SystemMonitor):
         buffered = ""
         chunks = self._stream_chunks(request)
         async with aclosing(chunks):  # leaving early closes the connection, which cancels the generation
-            async for chunk in chunks:
-                buffered += chunk
-                *complete, buffered = buffered.split("\n")
-                for line in complete:
-                    yield decode_line(line)
+            try:
+                async for chunk in chunks:
+                    buffered += chunk
+                    *complete, buffered = buffered.split("\n")
+                    for line in complete:
+                        yield decode_line(line)
+            except ENGINE_UNREACHABLE as error:
+                raise unreachable(error) from error
 
     async def _stream_chunks(self, request: dict[str, Any]) -> AsyncIterator[str]:
         remote = getattr(self._engine, "to_async", None)  # BentoML's proxy to the engine's process
@@ -114,10 +131,10 @@ class EngineClient(ModelRepository, SystemMonitor):
             await self._stream_http.aclose()
 
     async def memory_usage(self) -> dict[str, Any]:
-        return unwrap(await self._engine.memory_usage())
+        return await unwrap(self._engine.memory_usage())
 
     async def optimize_memory(self) -> dict[str, Any]:
-        return unwrap(await self._engine.optimize_memory())
+        return await unwrap(self._engine.optimize_memory())
 
     async def system_info(self) -> dict[str, Any]:
-        return unwrap(await self._engine.system_info())
+        return await unwrap(self._engine.system_info())

@@ -20,11 +20,14 @@ import bentoml
 from domain import Generation, GenerationParams, ModelServiceError, Prompt
 from settings import ConfigurationError, get_settings
 
+from .drain import defer_sigterm, drain_limit_s
 from .store import BentoModelStoreCatalog
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
 Reply = dict[str, Any]
+# During shutdown a request can still be on its way from an API worker that admitted it.
+DRAIN_QUIET_S = 0.5
 
 
 async def reply(operation: Awaitable[Any]) -> Reply:
@@ -84,6 +87,13 @@ class GenerationEngine:
         if settings.preload_default_model:
             self.preload = self.executor.submit(self.repository.load_blocking, settings.default_model_id, settings.device_type)
             self.preload.add_done_callback(self._report_preload)
+        self.draining = False
+        defer_sigterm(
+            busy=self.repository.busy,
+            on_drain=lambda: setattr(self, "draining", True),
+            limit_s=drain_limit_s(settings.max_generation_time),
+            quiet_s=DRAIN_QUIET_S,
+        )
 
     @staticmethod
     def _report_preload(done: Future) -> None:
@@ -95,7 +105,12 @@ class GenerationEngine:
         self.watchdog.stop()
 
     async def __is_ready__(self) -> bool:
-        return self.preload is None or self.preload.done()
+        """Not ready while the default model preloads or if that failed, after a scheduler died, or while draining."""
+        preloaded = self.preload is None or (
+            self.preload.done()
+            and (self.preload.exception() is None or self.repository.loaded(settings.default_model_id) is not None)
+        )
+        return preloaded and not self.draining and not self.repository.failures()
 
     @bentoml.api
     async def load_model(self, model_id: str, device: str) -> Reply:

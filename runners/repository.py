@@ -182,6 +182,15 @@ class TransformersModelRepository(ModelRepository):
             self._drop(model_id)
             return True
 
+    def busy(self) -> bool:
+        """Whether any generation is queued or running."""
+        with self._locks_guard:
+            return any(self._active.values())
+
+    def failures(self) -> dict[str, str]:
+        """Loaded models whose batch scheduler died, and why: they serve nothing until reloaded."""
+        return {model_id: loaded.scheduler.failure for model_id, loaded in list(self._loaded.items()) if loaded.scheduler.failure}
+
     def loaded(self, model_id: str) -> LoadedModel | None:
         return self._loaded.get(model_id)
 
@@ -304,6 +313,8 @@ class TransformersModelRepository(ModelRepository):
                 kv_cache_mb=round(loaded.cache.size_bytes / 2**20, 1),
                 batch=loaded.scheduler.load,
             )
+            if loaded.scheduler.failure:
+                metadata["engine_error"] = loaded.scheduler.failure
         return Model(
             id=entry.model_id,
             name=f"{entry.model_id}:{entry.version}",

@@ -28,6 +28,12 @@ GREEDY_BELOW = 1e-3
 PREPARED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
+def is_fatal(error: Exception) -> bool:
+    """A CUDA error (device-side assert, illegal address) leaves the device unusable until restart."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(error, accelerator_error) or "CUDA error" in str(error)
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
@@ -101,6 +107,7 @@ class BatchScheduler:
         self._wakeup = threading.Condition()
         self._stopped = False
         self._stop_reason = ""
+        self.failure = ""  # set when the thread died: the model can serve nothing more
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self.steps = 0
 
@@ -127,8 +134,8 @@ class BatchScheduler:
             if not stopped:
                 self._waiting.append(sequence)
                 self._wakeup.notify()
-        if stopped:  # raced with an unload: no thread is left to run it
-            self._finish(sequence, "cancelled", self._stop_reason)
+        if stopped:  # raced with an unload or a failure: no thread is left to run it
+            self._finish(sequence, "error" if self.failure else "cancelled", self.failure or self._stop_reason)
         return sequence
 
     def blocks_needed(self, request: SamplingRequest) -> int:
@@ -141,6 +148,10 @@ class BatchScheduler:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._waiting) + len(self._running)
 
     @property
     def load(self) -> dict[str, int]:
@@ -159,6 +170,24 @@ class BatchScheduler:
     # The scheduler thread.
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # noqa: BLE001: a dead thread must fail its requests, never strand them
+            self._fail(f"{type(error).__name__}: {error}")
+
+    def _fail(self, failure: str) -> None:
+        logger.critical("the batch scheduler stopped: %s", failure)
+        with self._wakeup:
+            self.failure, self._stopped, self._stop_reason = failure, True, failure
+            ended = [*self._waiting, *self._running]
+            self._waiting.clear()
+        for sequence in ended:
+            if sequence in self._running:
+                self._retire(sequence, "error", failure)
+            else:
+                self._finish(sequence, "error", failure)
+
+    def _serve(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
@@ -214,7 +243,9 @@ class BatchScheduler:
     def _step_guarded(self) -> None:
         try:
             self._step()
-        except Exception as error:  # a failed step fails its sequences, never the scheduler
+        except Exception as error:  # a failed step fails its sequences, never the scheduler...
+            if is_fatal(error):  # ...unless the device itself is broken
+                raise
             logger.exception("batch step failed")
             for sequence in list(self._running):
                 self._retire(sequence, "error", f"{type(error).__name__}: {error}")

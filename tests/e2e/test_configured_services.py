@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -147,18 +148,49 @@ def test_a_burst_past_the_queue_gets_429_at_once_and_the_service_goes_on(run_ser
     assert answer.status_code == 200
 
 
-def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tmp_path):
+def test_sigterm_drains_readiness_503_new_requests_503_the_one_in_flight_finishes_then_exit_0(tmp_path):
     service = start(tmp_path / "drain.log", {"MAX_NEW_TOKENS": "150"})
     story = {"query": "Tell a long story about dragons.", "max_length": 150, "temperature": 0}
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(httpx.post, f"{service.url}/generate", json=story, timeout=120)
         time.sleep(1.0)
         service.process.send_signal(signal.SIGTERM)  # as a container runtime stops PID 1
+        time.sleep(0.3)
+        readiness = httpx.get(f"{service.url}/readyz", timeout=5)
+        refused = httpx.post(f"{service.url}/generate", json={"query": "hi"}, timeout=5)
+        liveness = httpx.get(f"{service.url}/livez", timeout=5)
         answer = in_flight.result()
+    assert readiness.status_code == 503
+    assert refused.status_code == 503 and refused.json()["error_type"] == "shutting_down"
+    assert refused.headers["retry-after"] == "1"
+    assert liveness.status_code == 200
     assert answer.status_code == 200 and answer.json()["completion_tokens"] > 0
     assert service.process.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{service.url}/readyz", timeout=2)
+
+
+def test_a_crashed_engine_makes_readiness_503_not_500_and_it_recovers(run_service):
+    service = run_service()
+    engine = next(
+        child for child in psutil.Process(service.process.pid).children(recursive=True)
+        if "generation-engine" in " ".join(child.cmdline())
+    )
+    engine.kill()  # as the kernel's OOM killer would
+    readiness, liveness = set(), set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and 200 not in readiness:
+        try:
+            readiness.add(httpx.get(f"{service.url}/readyz", timeout=10).status_code)
+        except httpx.TimeoutException:
+            readiness.add("timeout")
+        liveness.add(httpx.get(f"{service.url}/livez", timeout=10).status_code)
+        time.sleep(0.2)
+    assert 503 in readiness and 500 not in readiness, readiness
+    assert readiness <= {503, 200, "timeout"}, readiness
+    assert liveness == {200}
+    france = httpx.post(f"{service.url}/generate", json={"query": "What is the capital of France?"}, timeout=60)
+    assert france.status_code == 200, france.text
 
 
 def engine_rss_mb(url: str) -> float:

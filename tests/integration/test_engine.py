@@ -11,6 +11,7 @@ import pytest
 
 from domain import (
     DeviceNotAvailableError,
+    GenerationError,
     GenerationParams,
     GenerationTimeoutError,
     InsufficientMemoryError,
@@ -207,3 +208,28 @@ def test_models_unused_for_the_idle_timeout_are_unloaded(repository):
     run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY))  # the bundled model is used again
     assert watchdog.check() == [TINY_QWEN_ID]
     assert repository.loaded(BUNDLED_MODEL_ID) is not None
+
+
+def test_a_dead_scheduler_fails_its_requests_at_once_and_is_reported_until_reloaded(repository, monkeypatch):
+    params = GenerationParams(max_new_tokens=8, temperature=0.0, timeout_s=60)
+    prompt = PromptBuilder().build("test query", [])
+    run(repository.load_model(TINY_QWEN_ID, "cpu"))
+    scheduler = repository.loaded(TINY_QWEN_ID).scheduler
+
+    def broken_admission() -> None:  # outside the guarded step: as a bug in the loop itself would
+        raise RuntimeError("admission broke")
+
+    monkeypatch.setattr(scheduler, "_admit", broken_admission)
+    for _ in range(2):  # the request that meets the failure, then one sent to the dead thread
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match="admission broke"):
+            run(repository.generate_text(TINY_QWEN_ID, prompt, params))
+        assert time.monotonic() - started < 5
+    assert repository.failures() == {TINY_QWEN_ID: "RuntimeError: admission broke"}
+    assert run(repository.get_model(TINY_QWEN_ID)).metadata["engine_error"] == "RuntimeError: admission broke"
+
+    run(repository.unload_model(TINY_QWEN_ID))
+    run(repository.load_model(TINY_QWEN_ID, "cpu"))
+    assert repository.failures() == {}
+    assert run(repository.generate_text(TINY_QWEN_ID, prompt, params)).completion_tokens >= 1
+    run(repository.unload_model(TINY_QWEN_ID))

@@ -65,6 +65,7 @@ class FakeModelRepository(ModelRepository):
         self.generations: list[tuple[str, Prompt, GenerationParams]] = []  # what was generated, in order
         self._generation_failures: list[ModelServiceError] = []
         self._load_failures: list[ModelServiceError] = []
+        self.engine_errors: dict[str, str] = {}  # model id -> why its batch scheduler died
 
     # Test controls.
 
@@ -134,7 +135,11 @@ class FakeModelRepository(ModelRepository):
             path=entry.path,
             created_at=entry.created_at,
             updated_at=entry.created_at,
-            metadata={**entry.metadata, **({"last_used_at": LAST_USED.isoformat()} if model_id in self.loaded else {})},
+            metadata={
+                **entry.metadata,
+                **({"last_used_at": LAST_USED.isoformat()} if model_id in self.loaded else {}),
+                **({"engine_error": self.engine_errors[model_id]} if model_id in self.engine_errors else {}),
+            },
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from api.admission import AdmissionMiddleware
+from api.admission import AdmissionGate, AdmissionMiddleware
 
 
 def scope(path: str = "/generate", method: str = "POST") -> dict:
@@ -40,10 +40,11 @@ def slow_app(release: asyncio.Event):
 def test_requests_past_the_limit_get_429_with_retry_after_while_others_run():
     async def scenario():
         release = asyncio.Event()
-        gate = AdmissionMiddleware(slow_app(release), paths={"/generate"}, limit=2)
-        running = [asyncio.create_task(call(gate, scope())) for _ in range(2)]
+        gate = AdmissionGate(limit=2)
+        middleware = AdmissionMiddleware(slow_app(release), paths={"/generate"}, gate=gate)
+        running = [asyncio.create_task(call(middleware, scope())) for _ in range(2)]
         await asyncio.sleep(0)
-        refused = await call(gate, scope())
+        refused = await call(middleware, scope())
         release.set()
         return refused, [await task for task in running], gate.in_flight
 
@@ -58,8 +59,28 @@ def test_other_routes_and_methods_are_never_counted():
     async def scenario():
         release = asyncio.Event()
         release.set()
-        gate = AdmissionMiddleware(slow_app(release), paths={"/generate"}, limit=0)
-        return await call(gate, scope("/health", "GET")), await call(gate, scope("/load-model"))
+        middleware = AdmissionMiddleware(slow_app(release), paths={"/generate"}, gate=AdmissionGate(limit=0))
+        return await call(middleware, scope("/health", "GET")), await call(middleware, scope("/load-model"))
 
     (health, _, _), (load, _, _) = asyncio.run(scenario())
     assert health == load == 200
+
+
+def test_while_draining_new_generation_requests_get_503_and_the_one_in_flight_finishes():
+    async def scenario():
+        release = asyncio.Event()
+        gate = AdmissionGate(limit=8)
+        middleware = AdmissionMiddleware(slow_app(release), paths={"/generate"}, gate=gate)
+        in_flight = asyncio.create_task(call(middleware, scope()))
+        await asyncio.sleep(0)
+        gate.draining = True
+        refused = await call(middleware, scope())
+        release.set()
+        health = await call(middleware, scope("/health", "GET"))
+        return refused, health, await in_flight, gate.in_flight
+
+    (status, headers, body), (health, _, _), (finished, _, _), left = asyncio.run(scenario())
+    assert status == 503 and headers["retry-after"] == "1"
+    assert body["error_type"] == "shutting_down" and "shutting down" in body["error"]
+    assert health == 200 and finished == 200
+    assert left == 0

@@ -154,6 +154,17 @@ class TestHealth:
         assert health["status"] == "degraded"
         assert health["default_model_loaded"] is False
 
+    def test_is_unhealthy_when_a_loaded_model_s_engine_failed(
+        self, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        asyncio.run(service.load_model(LoadModel()))
+        repository.engine_errors[DEFAULT_MODEL_ID] = "AcceleratorError: CUDA error: device-side assert triggered"
+
+        health = asyncio.run(service.health())
+
+        assert health["status"] == "unhealthy"
+        assert "device-side assert" in health["loaded_models"][0]["metadata"]["engine_error"]
+
     def test_has_the_documented_shape(self, service: ModelService, monitor: FakeSystemMonitor) -> None:
         asyncio.run(service.load_model(LoadModel()))
         asyncio.run(service.load_model(LoadModel(TEST_MODEL_ID)))

@@ -40,7 +40,10 @@ def cpu_has_avx2_fma() -> bool:
 
 @functools.cache
 def load_kernel() -> ModuleType | None:
-    """The compiled extension, built once per source, flags and torch version; None, with one warning, where it cannot be."""
+    """The compiled extension, built once per source, flags and torch version.
+
+    None, with one logged warning, where it cannot be built.
+    """
     if not cpu_has_avx2_fma():
         logger.warning("small-row linear kernel off: this CPU lacks AVX2 or FMA")
         return None

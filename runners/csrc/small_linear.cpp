@@ -38,7 +38,8 @@ struct Problem {
 };
 
 // Rows [row, row + MB) by features [feature, feature + NB). In this pass it prefetches the rows
-// of the next tile whose index is congruent to `pass` mod `passes`.
+// of the next tile whose index is congruent to `pass` mod `passes`. (At 8 rows, prefetching all of
+// the next tile in the first pass took 1.2x as long, no software prefetch 1.45x, two tiles ahead 1.07x.)
 template <int NB, int MB>
 inline void tile(const Problem& p, int64_t feature, int64_t row, int pass, int passes, int next_features) {
   const int64_t K = p.in_features;
@@ -108,8 +109,10 @@ void features(const Problem& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "small_linear: x [M, K], weight [N, K]");
+torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                           const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "small_linear: x [M, K], weight [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "small_linear: fp32 only");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "small_linear: CPU tensors only");
   TORCH_CHECK(weight.is_contiguous(), "small_linear: weight must be contiguous");
@@ -123,8 +126,13 @@ torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight, 
   torch::Tensor y = torch::empty({M, N}, rows.options());
   if (M == 0 || N == 0) return y;
   const int tail = static_cast<int>(K % 8);
-  Problem p{rows.data_ptr<float>(), weight.data_ptr<float>(), bias_values.defined() ? bias_values.data_ptr<float>() : nullptr,
-            y.data_ptr<float>(), M, K, N,
+  Problem p{rows.data_ptr<float>(),
+            weight.data_ptr<float>(),
+            bias_values.defined() ? bias_values.data_ptr<float>() : nullptr,
+            y.data_ptr<float>(),
+            M,
+            K,
+            N,
             _mm256_setr_epi32(tail > 0 ? -1 : 0, tail > 1 ? -1 : 0, tail > 2 ? -1 : 0, tail > 3 ? -1 : 0,
                               tail > 4 ? -1 : 0, tail > 5 ? -1 : 0, tail > 6 ? -1 : 0, 0)};
   // Whole tiles per thread, so each thread streams one contiguous slice of the weight.

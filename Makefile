@@ -12,9 +12,9 @@ export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup venv model serve test test-unit test-integration test-e2e clean
+.PHONY: setup venv model kernel serve test test-unit test-integration test-e2e clean
 
-setup: model
+setup: model kernel
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 model: venv
 	$(BIN)/python scripts/import_model.py
+
+# Builds the small-row linear kernel (runners/fast_linear.py) now, so loading a model does not pay
+# for it; where it cannot be built this only warns and layers keep F.linear.
+kernel: venv
+	$(BIN)/python -c "from runners.fast_linear import load_kernel; load_kernel()"
 
 serve: setup
 	$(BIN)/bentoml serve service:AIModelService --host $(HOST) --port $(PORT)

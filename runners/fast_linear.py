@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -51,6 +52,10 @@ def load_kernel() -> ModuleType | None:
     if shutil.which(compiler) is None:
         logger.warning("small-row linear kernel off: no C++ compiler %r to build it", compiler)
         return None
+    # torch runs `ninja` from PATH; the one pip installs sits next to this interpreter, which may not be on it.
+    interpreter_bin = str(Path(sys.executable).parent)
+    if interpreter_bin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([interpreter_bin, os.environ.get("PATH", "")])
     build_root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", DEFAULT_BUILD_ROOT))
     build_dir = build_root / f"small_linear-torch{torch.__version__}"
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from domain import (
     Prompt,
 )
 
-from . import paged_attention
+from . import fast_linear, paged_attention
 from .devices import dtype_for, resolve_device
 from .generation import (
     EventStream,
@@ -260,6 +260,7 @@ class TransformersModelRepository(ModelRepository):
             release_freed_memory()
             raise InsufficientMemoryError(f"out of memory while loading {entry.model_id!r} on {device}: {exc}") from exc
         model.eval()
+        switched = fast_linear.accelerate(model)
         if not paged_attention.install(model):
             raise GenerationError(
                 f"{type(model).__name__} does not route attention through transformers' attention interface, "
@@ -279,7 +280,8 @@ class TransformersModelRepository(ModelRepository):
         memory_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         load_time = time.perf_counter() - started
         logger.info(
-            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB)", entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20
+            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB, %d linear layers on the small-row kernel)",
+            entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20, switched,
         )
         return LoadedModel(entry.model_id, model, tokenizer, device, dtype, round(load_time, 3), memory_bytes, cache, scheduler)
 

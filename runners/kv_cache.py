@@ -114,11 +114,11 @@ class PagedKVCache:
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, num_blocks: int, dtype: torch.dtype, device: str) -> None:
         slots = num_blocks * BLOCK_SIZE
-        # Uninitialised: pages are only touched (and only count in RSS) as sequences fill them.
-        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        for tensor in (*self.keys, *self.values):
-            tensor[PADDING_BLOCK * BLOCK_SIZE : (PADDING_BLOCK + 1) * BLOCK_SIZE].zero_()
+        # Zeroed, so every page is resident from the load on: the memory is reserved when the load is
+        # checked, not taken later under traffic as the prefix cache fills the pool (which read as a
+        # leak in the soak: +8% RSS over 2,000 requests). The padding block must hold finite values too.
+        self.keys = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         self.allocator = BlockAllocator(num_blocks)
 
     @staticmethod

@@ -19,45 +19,15 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-BENTOML = str(Path(sys.executable).parent / "bentoml")
+from serving import ROOT, short_request, start_service, stop_service
 
-TOPICS = [
-    "the new bus timetable", "a charity football match", "the local library's reading club", "rising food prices",
-    "a protest outside the town hall", "the election results", "a recipe for apple pie", "the heatwave",
-    "vaccination at the clinic", "a new mosque opening", "the school's science fair", "a lost dog",
-    "a concert in the park", "layoffs at the factory", "the river cleanup day", "a cryptocurrency scheme",
-]
-STANCES = [
-    "Everyone is welcome, bring your friends and family.",
-    "I am so angry about this, somebody should do something.",
-    "Honestly it was the best day of the year, thank you all.",
-    "They are ruining our country and will pay for it one day.",
-    "Does anyone know more details? I could not find the announcement.",
-    "Join us and fight back against those traitors, no mercy.",
-    "Prices went up again, my family can barely afford groceries.",
-    "Great work by the volunteers, the place looks clean again.",
-]
-QUESTIONS = [
-    "Is this post extremist content? Answer yes or no.",
-    "Does this message call for violence? Answer yes or no.",
-    "Classify the sentiment of this post as positive, negative or neutral.",
-    "Is this post spam? Answer yes or no.",
-]
 LONG_TOPICS = ["the history of bridges", "how rivers shape valleys", "the life of honey bees", "why cities grow", "how bread is made"]
-
-
-def short_request(rng: random.Random) -> dict:
-    post = f"Post about {rng.choice(TOPICS)}: {rng.choice(STANCES)}"
-    return {"query": rng.choice(QUESTIONS), "context": [post], "max_length": 10, "temperature": 0}
 
 
 def long_request(rng: random.Random) -> dict:
@@ -159,34 +129,6 @@ async def short_while_long(url: str, long_concurrency: int, long_count: int, pro
             if result.ok:
                 probe_latencies.append(result.latency_s)
     return await long_task, probe_latencies
-
-
-def start_service(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    command = [BENTOML, "serve", "service:AIModelService", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"the service exited; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"the service was not ready in 300 s; see {log}")
-
-
-def stop_service(process: subprocess.Popen) -> None:
-    import signal
-
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def warm_up(url: str) -> None:

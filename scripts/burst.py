@@ -1,0 +1,104 @@
+"""Overload: a burst of concurrent generation requests against a concurrency cap.
+
+    python scripts/burst.py                       # starts the service with MAX_CONCURRENT_REQUESTS=32
+    python scripts/burst.py --url http://127.0.0.1:8003 --requests 200
+
+Opens every connection first, then sends all the requests at once, so the figures are the
+service's: the client is raw asyncio sockets with prebuilt requests (an HTTP client library on
+the same two cores would add its own queueing to every latency). Prints the statuses, the
+latency of the refusals (429) and of the answers, and checks that the service answers normally
+right after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+from urllib.parse import urlparse
+
+import httpx
+
+from serving import ROOT, start_service, stop_service
+
+BODY = json.dumps({"query": "Is this post spam? Answer yes or no.", "context": ["Post: buy cheap watches now"], "max_length": 10})
+
+
+def raw_request(host: str) -> bytes:
+    return (
+        f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(BODY)}\r\nConnection: close\r\n\r\n{BODY}"
+    ).encode()
+
+
+async def burst(url: str, count: int) -> list[tuple[int, float]]:
+    address = urlparse(url)
+    request = raw_request(address.netloc)
+    connections = [await asyncio.open_connection(address.hostname, address.port) for _ in range(count)]
+    go = asyncio.Event()
+
+    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, float]:
+        await go.wait()
+        started = time.perf_counter()
+        writer.write(request)
+        await writer.drain()
+        status_line = await reader.readline()
+        elapsed = time.perf_counter() - started
+        await reader.read()  # the rest, until the server closes
+        writer.close()
+        return int(status_line.split()[1]), elapsed
+
+    tasks = [asyncio.create_task(send(reader, writer)) for reader, writer in connections]
+    await asyncio.sleep(0.1)
+    go.set()
+    return await asyncio.gather(*tasks)
+
+
+def milliseconds(values: list[float]) -> str:
+    if not values:
+        return "none"
+    values = sorted(values)
+    p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
+    return f"median {statistics.median(values) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {values[-1] * 1000:.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running service instead of starting one")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--cap", type=int, default=32, help="MAX_CONCURRENT_REQUESTS of the started service")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8014)
+    args = parser.parse_args()
+    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+    process = None
+    url = args.url
+    if url is None:
+        url = f"http://127.0.0.1:{args.port}"
+        process = start_service({"MAX_CONCURRENT_REQUESTS": str(args.cap)}, args.port, ROOT / ".burst.log")
+    try:
+        httpx.post(f"{url}/generate", content=BODY, headers={"content-type": "application/json"}, timeout=60)  # warm
+        clean = True
+        for round_number in range(1, args.rounds + 1):
+            results = asyncio.run(burst(url, args.requests))
+            statuses = collections.Counter(status for status, _ in results)
+            after = httpx.post(f"{url}/generate", content=BODY, headers={"content-type": "application/json"}, timeout=60)
+            print(f"round {round_number}: {dict(sorted(statuses.items()))}; right after: {after.status_code}")
+            print(f"  429: {milliseconds([seconds for status, seconds in results if status == 429])}")
+            print(f"  200: {milliseconds([seconds for status, seconds in results if status == 200])}")
+            clean &= set(statuses) <= {200, 429} and after.status_code == 200
+    finally:
+        if process is not None:
+            stop_service(process)
+    print("verdict:", "PASS" if clean else "FAIL", "(only 200 and 429, and a normal answer right after)")
+    sys.exit(0 if clean else 1)
+
+
+if __name__ == "__main__":
+    main()

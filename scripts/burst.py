@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from serving import ROOT, start_service, stop_service
+from serving import served
 
 BODY = json.dumps({"query": "Is this post spam? Answer yes or no.", "context": ["Post: buy cheap watches now"], "max_length": 10})
 
@@ -75,14 +74,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8014)
     args = parser.parse_args()
-    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    process = None
-    url = args.url
-    if url is None:
-        url = f"http://127.0.0.1:{args.port}"
-        process = start_service({"MAX_CONCURRENT_REQUESTS": str(args.cap)}, args.port, ROOT / ".burst.log")
-    try:
+    with served(args.url, args.port, {"MAX_CONCURRENT_REQUESTS": str(args.cap)}, ".burst.log") as (url, _):
         httpx.post(f"{url}/generate", content=BODY, headers={"content-type": "application/json"}, timeout=60)  # warm
         clean = True
         for round_number in range(1, args.rounds + 1):
@@ -93,9 +85,6 @@ def main() -> None:
             print(f"  429: {milliseconds([seconds for status, seconds in results if status == 429])}")
             print(f"  200: {milliseconds([seconds for status, seconds in results if status == 200])}")
             clean &= set(statuses) <= {200, 429} and after.status_code == 200
-    finally:
-        if process is not None:
-            stop_service(process)
     print("verdict:", "PASS" if clean else "FAIL", "(only 200 and 429, and a normal answer right after)")
     sys.exit(0 if clean else 1)
 

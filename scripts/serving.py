@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -68,3 +70,18 @@ def stop_service(process: subprocess.Popen) -> None:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def served(url: str | None, port: int, env: dict[str, str], log_name: str) -> Iterator[tuple[str, subprocess.Popen | None]]:
+    """The given URL as it is, or a service started on `port` with `env` for the duration."""
+    if url is not None:
+        yield url, None
+        return
+    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+    process = start_service(env, port, ROOT / log_name)
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        stop_service(process)

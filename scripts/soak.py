@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import httpx
 import psutil
 
-from serving import ROOT, short_request, start_service, stop_service
+from serving import served, short_request
 
 BASELINE_AT = 200
 MAX_RSS_GROWTH = 0.05
@@ -204,21 +204,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.flip_every % args.sample_every:
         parser.error("--flip-every must be a multiple of --sample-every")
-    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    process = None
-    url = args.url
-    if url is None:
-        url = f"http://127.0.0.1:{args.port}"
-        process = start_service({}, args.port, ROOT / ".soak.log")
-    try:
+    with served(args.url, args.port, {}, ".soak.log") as (url, process):
         processes = ServiceProcesses(process.pid if process else None, url)
         started = time.perf_counter()
         statuses, samples = asyncio.run(soak(url, args, processes))
         passed = report(statuses, samples, time.perf_counter() - started)
-    finally:
-        if process is not None:
-            stop_service(process)
     sys.exit(0 if passed else 1)
 
 

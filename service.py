@@ -80,6 +80,7 @@ routes = Starlette(
     workers=settings.max_processes,
     traffic={"timeout": HTTP_TIMEOUT_S},
     http={"host": settings.host, "port": settings.port},
+    runner_probe={"enabled": False},  # __is_ready__ probes the engine itself; BentoML's probe would ask again
 )
 @bentoml.asgi_app(routes, path="/")
 class AIModelService:

@@ -76,6 +76,8 @@ def load_kernel() -> ModuleType | None:
 class SmallBatchLinear(torch.nn.Linear):
     """A Linear whose inference calls with at most MAX_ROWS rows go through the kernel."""
 
+    kernel: ModuleType  # set by accelerate(), once the kernel is built
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_features = x.shape[-1]
         rows = x.numel() // in_features if in_features else 0
@@ -86,7 +88,7 @@ class SmallBatchLinear(torch.nn.Linear):
             and x.device.type == "cpu"
             and self.weight.dtype == torch.float32
         ):
-            y = load_kernel().small_linear(x.reshape(rows, in_features), self.weight, self.bias)
+            y = self.kernel.small_linear(x.reshape(rows, in_features), self.weight, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -96,8 +98,10 @@ def accelerate(model: torch.nn.Module) -> int:
 
     The layers keep their parameters (tied ones stay tied): only their class changes.
     """
-    if load_kernel() is None:
+    kernel = load_kernel()
+    if kernel is None:
         return 0
+    SmallBatchLinear.kernel = kernel
     switched = 0
     for module in model.modules():
         if (

@@ -171,7 +171,7 @@ def report(statuses: collections.Counter, samples: list[Sample], elapsed_s: floa
     for (kind, status), count in sorted(statuses.items(), key=lambda item: (item[0][0], str(item[0][1]))):
         print(f"| {kind} | {status} | {count} |")
     server_errors = sum(count for (_, status), count in statuses.items() if isinstance(status, int) and status >= 500)
-    transport_errors = sum(count for (kind, status), count in statuses.items() if isinstance(status, str) and status != "abandoned")
+    transport_errors = sum(count for (_, status), count in statuses.items() if isinstance(status, str) and status != "abandoned")
     invalid_not_4xx = sum(
         count for (kind, status), count in statuses.items()
         if kind.startswith("invalid") and not (isinstance(status, int) and 400 <= status < 500)

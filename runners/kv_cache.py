@@ -117,8 +117,11 @@ class PagedKVCache:
         # Zeroed, so every page is resident from the load on: the memory is reserved when the load is
         # checked, not taken later under traffic as the prefix cache fills the pool (which read as a
         # leak in the soak: +8% RSS over 2,000 requests). The padding block must hold finite values too.
-        self.keys = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        # One allocation for all layers' keys and one for their values: glibc maps anything that large
+        # on its own, so an unload returns it to the OS whole. Per-layer tensors of a few MB can land in
+        # the heap once glibc raises its mapping threshold, and stay resident after the unload.
+        pools = [torch.zeros(layers, slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2)]
+        self.keys, self.values = (list(pool.unbind(0)) for pool in pools)
         self.allocator = BlockAllocator(num_blocks)
 
     @staticmethod

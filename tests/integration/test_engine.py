@@ -202,9 +202,10 @@ def test_models_unused_for_the_idle_timeout_are_unloaded(repository):
     run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
     run(repository.load_model(TINY_QWEN_ID, "cpu"))
     roomy = lambda: SystemMemory(100 * 2**30, 80 * 2**30)  # noqa: E731: no memory pressure at all
-    watchdog = MemoryWatchdog(repository, ROOMY, keep=set(), measure=roomy, idle_timeout_s=2.0)
+    # Long enough that the second load (which zeroes a 1 GB KV cache) never idles the first model out.
+    watchdog = MemoryWatchdog(repository, ROOMY, keep=set(), measure=roomy, idle_timeout_s=5.0)
     assert watchdog.check() == []
-    time.sleep(2.1)
+    time.sleep(5.1)
     run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY))  # the bundled model is used again
     assert watchdog.check() == [TINY_QWEN_ID]
     assert repository.loaded(BUNDLED_MODEL_ID) is not None

@@ -29,6 +29,10 @@ from domain import (
 STREAM_ROUTE = "/stream_text"
 # How a call fails when the engine process is gone: BentoML's proxy speaks aiohttp, our stream httpx.
 ENGINE_UNREACHABLE = (aiohttp.ClientConnectionError, httpx.TransportError)
+# A kept-alive connection the engine closes as it is reused fails before the engine read the request.
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# Below the engine's keep-alive (uvicorn's 5 s), so the client drops an idle connection before the server does.
+STREAM_KEEPALIVE_S = 2.0
 
 
 def decode_line(line: str) -> str | Generation:
@@ -105,7 +109,10 @@ class EngineClient(ModelRepository, SystemMonitor):
         # generating for nobody. This connection is ours and is closed, shielded from the anyio scope
         # that cancels a streaming response (which would cancel the close too).
         http = self._stream_http or self._open_stream_http(remote.url)
-        response = await http.send(http.build_request("POST", STREAM_ROUTE, json=request), stream=True)
+        try:
+            response = await http.send(http.build_request("POST", STREAM_ROUTE, json=request), stream=True)
+        except STALE_CONNECTION:  # once, on a fresh connection: a generation has no side effects to repeat
+            response = await http.send(http.build_request("POST", STREAM_ROUTE, json=request), stream=True)
         try:
             if response.is_error:
                 body = (await response.aread()).decode(errors="replace")
@@ -118,12 +125,14 @@ class EngineClient(ModelRepository, SystemMonitor):
 
     def _open_stream_http(self, url: str) -> httpx.AsyncClient:
         address = urlparse(url)
+        limits = httpx.Limits(keepalive_expiry=STREAM_KEEPALIVE_S)
         if address.scheme == "file":
-            transport = httpx.AsyncHTTPTransport(uds=url2pathname(address.path))
-            self._stream_http = httpx.AsyncClient(transport=transport, base_url="http://engine", timeout=self._timeout_s)
+            transport = httpx.AsyncHTTPTransport(uds=url2pathname(address.path), limits=limits)
+            base_url = "http://engine"
         else:
+            transport = httpx.AsyncHTTPTransport(limits=limits)
             base_url = f"http://{address.netloc}" if address.scheme == "tcp" else url
-            self._stream_http = httpx.AsyncClient(base_url=base_url, timeout=self._timeout_s)
+        self._stream_http = httpx.AsyncClient(transport=transport, base_url=base_url, timeout=self._timeout_s)
         return self._stream_http
 
     async def close(self) -> None:

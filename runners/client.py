@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -27,10 +27,11 @@ from domain import (
 
 
 STREAM_ROUTE = "/stream_text"
+T = TypeVar("T")
 # How a call fails when the engine process is gone: BentoML's proxy speaks aiohttp, our stream httpx.
 ENGINE_UNREACHABLE = (aiohttp.ClientConnectionError, httpx.TransportError)
 # A kept-alive connection the engine closes as it is reused fails before the engine read the request.
-STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+STALE_CONNECTION = (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # Below the engine's keep-alive (uvicorn's 5 s), so the client drops an idle connection before the server does.
 STREAM_KEEPALIVE_S = 2.0
 
@@ -49,9 +50,17 @@ def unreachable(error: Exception) -> EngineUnavailableError:
     )
 
 
-async def unwrap(call: Awaitable[dict[str, Any]]) -> Any:
+async def once_more_if_stale(call: Callable[[], Awaitable[T]]) -> T:
+    """A second try, on a fresh connection, is safe: the engine did not read the first request."""
     try:
-        reply = await call
+        return await call()
+    except STALE_CONNECTION:
+        return await call()
+
+
+async def unwrap(call: Callable[[], Awaitable[dict[str, Any]]]) -> Any:
+    try:
+        reply = await once_more_if_stale(call)
     except ENGINE_UNREACHABLE as error:
         raise unreachable(error) from error
     raise_if_error(reply)
@@ -67,16 +76,16 @@ class EngineClient(ModelRepository, SystemMonitor):
         self._stream_http: httpx.AsyncClient | None = None
 
     async def load_model(self, model_id: str, device: str = "auto") -> Model:
-        return Model.from_dict(await unwrap(self._engine.load_model(model_id=model_id, device=device)))
+        return Model.from_dict(await unwrap(lambda: self._engine.load_model(model_id=model_id, device=device)))
 
     async def unload_model(self, model_id: str) -> Model:
-        return Model.from_dict(await unwrap(self._engine.unload_model(model_id=model_id)))
+        return Model.from_dict(await unwrap(lambda: self._engine.unload_model(model_id=model_id)))
 
     async def get_model(self, model_id: str) -> Model:
-        return Model.from_dict(await unwrap(self._engine.get_model(model_id=model_id)))
+        return Model.from_dict(await unwrap(lambda: self._engine.get_model(model_id=model_id)))
 
     async def list_models(self) -> list[Model]:
-        return [Model.from_dict(model) for model in await unwrap(self._engine.list_models())]
+        return [Model.from_dict(model) for model in await unwrap(self._engine.list_models)]
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
         request = {
@@ -109,10 +118,9 @@ class EngineClient(ModelRepository, SystemMonitor):
         # generating for nobody. This connection is ours and is closed, shielded from the anyio scope
         # that cancels a streaming response (which would cancel the close too).
         http = self._stream_http or self._open_stream_http(remote.url)
-        try:
-            response = await http.send(http.build_request("POST", STREAM_ROUTE, json=request), stream=True)
-        except STALE_CONNECTION:  # once, on a fresh connection: a generation has no side effects to repeat
-            response = await http.send(http.build_request("POST", STREAM_ROUTE, json=request), stream=True)
+        response = await once_more_if_stale(
+            lambda: http.send(http.build_request("POST", STREAM_ROUTE, json=request), stream=True)
+        )
         try:
             if response.is_error:
                 body = (await response.aread()).decode(errors="replace")
@@ -140,10 +148,10 @@ class EngineClient(ModelRepository, SystemMonitor):
             await self._stream_http.aclose()
 
     async def memory_usage(self) -> dict[str, Any]:
-        return await unwrap(self._engine.memory_usage())
+        return await unwrap(self._engine.memory_usage)
 
     async def optimize_memory(self) -> dict[str, Any]:
-        return await unwrap(self._engine.optimize_memory())
+        return await unwrap(self._engine.optimize_memory)
 
     async def system_info(self) -> dict[str, Any]:
-        return await unwrap(self._engine.system_info())
+        return await unwrap(self._engine.system_info)

@@ -1,4 +1,4 @@
-"""The API side of the engine's stream: a connection the engine closes as it is reused costs one retry, not a 503."""
+"""The API side of the engine: a kept-alive connection the engine closes as it is reused costs one retry, not a 503."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import json
 from types import SimpleNamespace
 
+import aiohttp
 import httpx
 import pytest
 
@@ -77,3 +78,17 @@ def test_a_connection_closed_mid_stream_is_not_resent():
     with pytest.raises(EngineUnavailableError):
         asyncio.run(read())
     assert items == ["Par"] and len(attempts) == 1  # tokens already went out: a second run would repeat them
+
+
+def test_a_call_through_bentomls_proxy_that_meets_a_closed_connection_is_made_once_more():
+    calls = []
+
+    class Proxy:
+        async def system_info(self) -> dict:
+            calls.append("system_info")
+            if len(calls) == 1:
+                raise aiohttp.ServerDisconnectedError()
+            return {"result": {"cpu_count": 2}}
+
+    assert asyncio.run(EngineClient(Proxy()).system_info()) == {"cpu_count": 2}
+    assert len(calls) == 2

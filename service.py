@@ -2,9 +2,10 @@
 
     bentoml serve service:AIModelService --port 8003
 
-POST routes are BentoML APIs (so `bentoml.SyncHTTPClient` and `/docs.json` know them); GET routes
-come from a mounted Starlette app, because BentoML APIs are POST only. Each handler turns the
-request into a command, runs it through the domain, and answers the result or the error's status.
+POST routes are BentoML APIs (so `bentoml.SyncHTTPClient` knows them); GET routes come from a
+mounted FastAPI app, because BentoML APIs are POST only, and BentoML merges its routes into
+`/docs.json`. Each handler turns the request into a command, runs it through the domain, and answers
+the result or the error's status.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import bentoml
-from starlette.applications import Starlette
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from api.admission import AdmissionGate, AdmissionMiddleware
 from api.errors import response_for
+from api.openapi import DocumentedErrorsMiddleware
 from api.schemas import (
     EmptyRequest,
     GenerateResponse,
+    HealthResponse,
+    MemoryUsageResponse,
+    ModelsResponse,
     ModelStateResponse,
     OptimizeMemoryResponse,
+    SystemInfoResponse,
     request_schemas,
 )
 from api.streaming import cancel_on_disconnect, server_sent_events
@@ -57,22 +62,24 @@ async def answer(operation: Awaitable[Any], ctx: bentoml.Context | None = None) 
         return response
 
 
-def get_route(handler: Callable[[AIModelService], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
-    async def endpoint(_: Request) -> Response:
+# No docs of its own: BentoML serves them all at /docs.json.
+routes = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+
+def get_route(path: str, summary: str, response_model: type, handler: Callable[[AIModelService], Awaitable[Any]]) -> None:
+    async def endpoint() -> Response:
         result = await answer(handler(bentoml.get_current_service()))
         return result if isinstance(result, Response) else JSONResponse(result)
 
-    return endpoint
+    # The response model documents the route; the handler's own response skips FastAPI's re-validation.
+    operation_id = path.strip("/").replace("-", "_")
+    routes.get(path, summary=summary, response_model=response_model, operation_id=operation_id)(endpoint)
 
 
-routes = Starlette(
-    routes=[
-        Route("/health", get_route(lambda service: service.models.health())),
-        Route("/system-info", get_route(lambda service: service.models.system_info())),
-        Route("/memory-usage", get_route(lambda service: service.models.memory_usage())),
-        Route("/models", get_route(lambda service: service.list_models())),
-    ]
-)
+get_route("/health", "Status, loaded models and memory", HealthResponse, lambda service: service.models.health())
+get_route("/system-info", "CPU, threads, devices and settings", SystemInfoResponse, lambda service: service.models.system_info())
+get_route("/memory-usage", "Memory, and each loaded model's size and last use", MemoryUsageResponse, lambda service: service.models.memory_usage())
+get_route("/models", "The models in the store, loaded or not", ModelsResponse, lambda service: service.list_models())
 
 
 @bentoml.service(
@@ -171,6 +178,24 @@ class AIModelService:
 
 
 GENERATION_ROUTES = {"/generate", "/generate/stream", "/generate-task", "/generate-task/submit"}
+# The errors each route can answer, as /docs.json lists them.
+ENGINE_ERRORS = {"engine_unavailable", "internal_error"}
+BODY_ERRORS = ENGINE_ERRORS | {"validation_error", "payload_too_large"}
+LOAD_ERRORS = BODY_ERRORS | {"model_not_found", "device_not_available", "insufficient_memory", "generation_error"}
+GENERATION_ERRORS = LOAD_ERRORS | {"model_not_loaded", "model_unloading", "overloaded", "shutting_down", "generation_timeout"}
+ERRORS_BY_ROUTE = {
+    **dict.fromkeys(GENERATION_ROUTES, GENERATION_ERRORS),
+    "/load-model": LOAD_ERRORS,
+    "/unload-model": BODY_ERRORS | {"model_not_found", "model_not_loaded"},
+    "/optimize-memory": BODY_ERRORS,
+    **dict.fromkeys(("/health", "/system-info", "/memory-usage", "/models"), ENGINE_ERRORS),
+}
+AIModelService.add_asgi_middleware(
+    DocumentedErrorsMiddleware,
+    spec=lambda: AIModelService.openapi_spec.asdict(),
+    errors_by_route=ERRORS_BY_ROUTE,
+    event_stream_routes=["/generate/stream"],
+)
 # Outermost first: a request over the cap is refused before its body is read.
 AIModelService.add_asgi_middleware(AdmissionMiddleware, paths=GENERATION_ROUTES, gate=admission)
 AIModelService.add_asgi_middleware(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -123,3 +123,57 @@ class OptimizeMemoryResponse(BaseModel):
     freed_mb: float
     cuda_cache_cleared: bool
     duration_s: float
+
+
+class ProcessMemory(BaseModel):
+    """The engine process's memory and the machine's; GPU entries only where CUDA devices exist."""
+
+    model_config = ConfigDict(extra="allow")
+    rss_mb: float
+    vms_mb: float
+    percent: float
+    system_total_mb: float
+    system_available_mb: float
+    system_used_percent: float
+    gpu: list[dict[str, Any]]
+
+
+class LoadedModelFootprint(BaseModel):
+    id: str
+    device: str
+    memory_mb: float | None
+    kv_cache_mb: float | None
+    last_used_at: str | None
+    idle_unload_at: str | None = Field(description="when MODEL_IDLE_TIMEOUT unloads it if unused; null: never")
+
+
+class MemoryUsageResponse(ProcessMemory):
+    loaded_models_count: int
+    loaded_models: list[LoadedModelFootprint]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "degraded", "unhealthy"] = Field(
+        description="degraded: the default model is not loaded; unhealthy: a model's engine failed"
+    )
+    service: str
+    default_model_id: str
+    default_model_loaded: bool
+    loaded_models_count: int
+    loaded_models: list[Model]
+    available_models: list[str]
+    memory_usage: ProcessMemory
+
+
+class SystemInfoResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cpu_count: int | None
+    torch_threads: int
+    memory: ProcessMemory
+    cuda_available: bool
+    loaded_models_count: int
+
+
+class ModelsResponse(BaseModel):
+    default_model_id: str
+    models: list[Model]

@@ -59,10 +59,11 @@ class GenerationEngine:
         # Imported here, not at the top: the API workers import this module for `bentoml.depends`
         # and need neither torch nor transformers.
         from . import memory
-        from .devices import configure_torch
+        from .devices import configure_torch, yield_cpu_to_api_workers
         from .repository import BatchingOptions, TransformersModelRepository
         from .watchdog import MemoryWatchdog
 
+        yield_cpu_to_api_workers()
         self.memory = memory
         memory.limit_malloc_arenas()
         configure_torch(settings.cpu_threads, settings.gpu_memory_fraction)

@@ -1,0 +1,30 @@
+"""The engine process yields the CPU to the API workers: every thread, including torch's, runs at lower priority."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+PROBE = """
+import json, os, threading, torch
+torch.set_num_threads(2)
+torch.ones(512, 512) @ torch.ones(512, 512)  # torch's worker threads exist before the call
+from runners.devices import ENGINE_NICENESS, yield_cpu_to_api_workers
+yield_cpu_to_api_workers()
+started_later = []
+worker = threading.Thread(target=lambda: started_later.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+worker.start(); worker.join()
+niceness = [os.getpriority(os.PRIO_PROCESS, int(task)) for task in os.listdir("/proc/self/task")]
+print(json.dumps({"expected": ENGINE_NICENESS, "threads": niceness, "started_later": started_later}))
+"""
+
+
+def test_every_engine_thread_and_every_later_one_runs_at_the_engine_niceness():
+    probe = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, check=True)
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert len(found["threads"]) > 1
+    assert set(found["threads"]) == {found["expected"]}
+    assert found["started_later"] == [found["expected"]]

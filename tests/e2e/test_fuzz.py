@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from jsonschema import Draft202012Validator
 from schemathesis.checks import (
     content_type_conformance,
-    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -30,13 +31,7 @@ ROUTES = {
     "/memory-usage",
     "/models",
 }
-CONFORMANCE = [
-    status_code_conformance,
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    negative_data_rejection,
-]
+CONFORMANCE = [status_code_conformance, content_type_conformance, response_headers_conformance, response_schema_conformance]
 
 
 def check_no_server_error(case, response) -> None:
@@ -49,10 +44,27 @@ def check_no_server_error(case, response) -> None:
         assert {"error", "error_type"} <= set(response.json()), response.text
 
 
+def check_accepted_only_if_valid(case, response, document: dict) -> None:
+    """Schemathesis' own negative_data_rejection misfires here: it mutates the `string` branch of an
+    optional field's `anyOf: [string, null]` to null and calls the valid result invalid. So a
+    negative case we accept is checked against the document's schema itself."""
+    if response.status_code >= 400 or not isinstance(case.body, dict):
+        return
+    reference = case.operation.definition.raw["requestBody"]["content"]["application/json"]["schema"]
+    validator = Draft202012Validator({**reference, "components": document["components"]})
+    problems = [error.message for error in validator.iter_errors(case.body)]
+    assert not problems, f"{case.path} accepted {case.body!r}: {problems}"
+
+
 def operations(url: str) -> list:
     pattern = "^(" + "|".join(sorted(ROUTES)) + ")$"
     schema = schemathesis.openapi.from_url(f"{url}/docs.json").include(path_regex=pattern)
     return [result.ok() for result in schema.get_all_operations()]
+
+
+@pytest.fixture(scope="module")
+def document(url) -> dict:
+    return httpx.get(f"{url}/docs.json", timeout=30).json()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +75,7 @@ def fuzzed_operations(url) -> list:
 
 
 @pytest.mark.parametrize("mode", list(schemathesis.GenerationMode), ids=lambda mode: mode.value)
-def test_no_generated_request_gets_a_server_error_or_an_undocumented_answer(fuzzed_operations, mode):
+def test_no_generated_request_gets_a_server_error_or_an_undocumented_answer(fuzzed_operations, document, mode):
     """Positive cases follow the schema; negative ones break it on purpose."""
     for operation in fuzzed_operations:
         if mode is schemathesis.GenerationMode.NEGATIVE and operation.method.upper() == "GET":
@@ -75,5 +87,7 @@ def test_no_generated_request_gets_a_server_error_or_an_undocumented_answer(fuzz
             response = case.call(timeout=120)
             check_no_server_error(case, response)
             case.validate_response(response, checks=CONFORMANCE)
+            if mode is schemathesis.GenerationMode.NEGATIVE:
+                check_accepted_only_if_valid(case, response, document)
 
         fuzz()

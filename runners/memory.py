@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from domain import InsufficientMemoryError
+from metrics import record_memory
 
 GIB = 1024**3
 MIB = 1024**2
@@ -78,6 +79,15 @@ def gpu_memory() -> list[dict[str, Any]]:
             }
         )
     return devices
+
+
+def publish_memory_metrics() -> None:
+    """The engine's RSS and, where CUDA exists, each device's allocated and reserved memory, for /metrics."""
+    gpu = {
+        f"cuda:{index}": (torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index))
+        for index in range(torch.cuda.device_count())
+    }
+    record_memory(psutil.Process().memory_info().rss, gpu)
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number

@@ -53,13 +53,16 @@ TIME_PER_OUTPUT_TOKEN = Histogram(
     ["model"], buckets=PER_TOKEN_BUCKETS_S,
 )
 QUEUE_WAIT = Histogram(
-    f"{PREFIX}_queue_wait_seconds", "Seconds from a sequence joining the queue to the first batch step that computes it",
+    f"{PREFIX}_queue_wait_seconds",
+    "Seconds from a sequence joining the queue to the first batch step that computes it",
     ["model"], buckets=QUEUE_WAIT_BUCKETS_S,
 )
 QUEUE_DEPTH = Gauge(
     f"{PREFIX}_queue_depth", "Sequences waiting for a place in the model's batch", ["model"], multiprocess_mode=LATEST
 )
-BATCH_SIZE = Gauge(f"{PREFIX}_batch_size", "Sequences in the model's running batch", ["model"], multiprocess_mode=LATEST)
+BATCH_SIZE = Gauge(
+    f"{PREFIX}_batch_size", "Sequences in the model's running batch", ["model"], multiprocess_mode=LATEST
+)
 STEP_SEQUENCES = Histogram(
     f"{PREFIX}_batch_step_sequences", "Sequences one batch step computes: decoding rows plus prompt chunks",
     ["model"], buckets=STEP_SEQUENCES_BUCKETS,
@@ -74,6 +77,7 @@ GENERATED_TOKENS = Counter(
 
 # The engine: memory, written every round of the memory watchdog (5 s).
 ENGINE_RSS = Gauge(f"{PREFIX}_engine_rss_bytes", "Resident memory of the engine process", multiprocess_mode=LATEST)
+ENGINE_VMS = Gauge(f"{PREFIX}_engine_vms_bytes", "Virtual memory of the engine process", multiprocess_mode=LATEST)
 GPU_ALLOCATED = Gauge(
     f"{PREFIX}_gpu_memory_allocated_bytes", "GPU memory held by the engine's tensors, per CUDA device", ["device"],
     multiprocess_mode=LATEST,
@@ -84,7 +88,9 @@ GPU_RESERVED = Gauge(
 )
 
 # The API workers.
-ERRORS = Counter(f"{PREFIX}_errors", "Error answers by error_type, a stream's closing error event included", ["error_type"])
+ERRORS = Counter(
+    f"{PREFIX}_errors", "Error answers by error_type, a stream's closing error event included", ["error_type"]
+)
 CACHE_RESULTS = ("hit", "miss")
 RESPONSE_CACHE = Counter(f"{PREFIX}_response_cache", "Response cache lookups by result: hit or miss", ["result"])
 for _result in CACHE_RESULTS:  # both series show from the start, at 0
@@ -100,9 +106,10 @@ def count_cache_lookup(hit: bool) -> None:
     RESPONSE_CACHE.labels(result="hit" if hit else "miss").inc()
 
 
-def record_memory(rss_bytes: int, gpu: dict[str, tuple[int, int]]) -> None:
-    """The engine's RSS, and per CUDA device (`cuda:N`) its allocated and reserved bytes."""
+def record_memory(rss_bytes: int, vms_bytes: int, gpu: dict[str, tuple[int, int]]) -> None:
+    """The engine's RSS and VMS, and per CUDA device (`cuda:N`) its allocated and reserved bytes."""
     ENGINE_RSS.set(rss_bytes)
+    ENGINE_VMS.set(vms_bytes)
     for device, (allocated, reserved) in gpu.items():
         GPU_ALLOCATED.labels(device=device).set(allocated)
         GPU_RESERVED.labels(device=device).set(reserved)

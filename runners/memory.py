@@ -82,12 +82,13 @@ def gpu_memory() -> list[dict[str, Any]]:
 
 
 def publish_memory_metrics() -> None:
-    """The engine's RSS and, where CUDA exists, each device's allocated and reserved memory, for /metrics."""
+    """The engine's RSS and VMS and, where CUDA exists, each device's allocated and reserved memory, for /metrics."""
     gpu = {
         f"cuda:{index}": (torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index))
         for index in range(torch.cuda.device_count())
     }
-    record_memory(psutil.Process().memory_info().rss, gpu)
+    info = psutil.Process().memory_info()
+    record_memory(info.rss, info.vms, gpu)
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number

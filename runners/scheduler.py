@@ -375,7 +375,8 @@ class BatchScheduler:
         if generated:
             self._metrics.generated_tokens.inc(generated)
         if generated > 1:
-            self._metrics.time_per_output_token.observe((sequence.last_token_at - sequence.first_token_at) / (generated - 1))
+            decoding_s = sequence.last_token_at - sequence.first_token_at
+            self._metrics.time_per_output_token.observe(decoding_s / (generated - 1))
         sequence.sink(
             FinishEvent(reason, sequence.prompt_length, len(sequence.output_ids), sequence.cached_prompt_tokens, detail)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,8 @@ from prometheus_client import REGISTRY
 
 import metrics
 from api.errors import STATUS_BY_ERROR_TYPE, count_error, error_response
-from domain.errors import ERROR_KINDS
+from api.streaming import server_sent_events
+from domain.errors import ERROR_KINDS, GenerationTimeoutError
 from tests.conftest import ROOT
 
 
@@ -50,7 +52,8 @@ def test_every_known_error_type_has_a_series_at_0_before_it_happens() -> None:
     code = """
         from prometheus_client import REGISTRY
         from api.errors import STATUS_BY_ERROR_TYPE
-        counts = {t: REGISTRY.get_sample_value("ai_model_errors_total", {"error_type": t}) for t in STATUS_BY_ERROR_TYPE}
+        series = {kind: {"error_type": kind} for kind in STATUS_BY_ERROR_TYPE}
+        counts = {kind: REGISTRY.get_sample_value("ai_model_errors_total", labels) for kind, labels in series.items()}
         assert set(counts.values()) == {0.0}, counts
     """
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True)
@@ -66,3 +69,17 @@ def test_cache_lookups_are_counted_as_hits_or_misses() -> None:
     metrics.count_cache_lookup(hit=False)
     metrics.count_cache_lookup(hit=False)
     assert (counted("hit"), counted("miss")) == (hits + 1, misses + 2)
+
+
+def test_an_error_that_ends_a_stream_is_counted_under_its_type() -> None:
+    async def tokens_then_timeout():
+        yield " Paris"
+        raise GenerationTimeoutError("generation passed MAX_GENERATION_TIME=30s and was stopped")
+
+    async def read_all() -> list[str]:
+        return [chunk async for chunk in server_sent_events("The", tokens_then_timeout(), final=dict)]
+
+    before = errors_counted("generation_timeout")
+    chunks = asyncio.run(read_all())
+    assert '"error_type": "generation_timeout"' in chunks[-1]
+    assert errors_counted("generation_timeout") == before + 1

@@ -83,3 +83,12 @@ def test_an_error_that_ends_a_stream_is_counted_under_its_type() -> None:
     chunks = asyncio.run(read_all())
     assert '"error_type": "generation_timeout"' in chunks[-1]
     assert errors_counted("generation_timeout") == before + 1
+
+
+def test_memory_is_recorded_per_cuda_device_given() -> None:
+    metrics.record_memory(rss_bytes=300, vms_bytes=900, gpu={"cuda:0": (10, 20), "cuda:1": (30, 40)})
+    assert REGISTRY.get_sample_value("ai_model_engine_rss_bytes") == 300
+    assert REGISTRY.get_sample_value("ai_model_engine_vms_bytes") == 900
+    for device, (allocated, reserved) in {"cuda:0": (10, 20), "cuda:1": (30, 40)}.items():
+        assert REGISTRY.get_sample_value("ai_model_gpu_memory_allocated_bytes", {"device": device}) == allocated
+        assert REGISTRY.get_sample_value("ai_model_gpu_memory_reserved_bytes", {"device": device}) == reserved

@@ -7,6 +7,7 @@ import logging
 from starlette.responses import JSONResponse
 
 from domain import ModelServiceError
+from metrics import ERRORS, bounded
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ STATUS_BY_ERROR_TYPE = {
     "internal_error": 500,
     "client_disconnected": 499,
 }
+for _error_type in STATUS_BY_ERROR_TYPE:  # every known type shows on /metrics from the start, at 0
+    ERRORS.labels(error_type=_error_type)
 
 
 # How long a refused client should wait: about one short generation.
@@ -38,7 +41,12 @@ class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready; the work was cancelled."""
 
 
+def count_error(error_type: str) -> None:
+    ERRORS.labels(error_type=bounded(error_type, STATUS_BY_ERROR_TYPE)).inc()
+
+
 def error_response(message: str, error_type: str, **extra) -> JSONResponse:
+    count_error(error_type)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if error_type in RETRY_LATER else None
     body = {"error": message, "error_type": error_type, **extra}
     return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=headers)

@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from domain import Generation
 
-from .errors import ClientDisconnected, error_body
+from .errors import ClientDisconnected, count_error, error_body
 
 T = TypeVar("T")
 
@@ -35,7 +35,9 @@ async def server_sent_events(
         async for item in items():
             yield event({"done": True, **final(item)} if isinstance(item, Generation) else {"text": item})
     except Exception as error:  # noqa: BLE001: the stream ends with an error event, never a cut connection
-        yield event(error_body(error))
+        body = error_body(error)
+        count_error(body["error_type"])
+        yield event(body)
 
 
 async def _disconnected(request: Request) -> None:

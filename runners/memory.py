@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from domain import InsufficientMemoryError
+from metrics import record_memory
 
 GIB = 1024**3
 MIB = 1024**2
@@ -78,6 +79,16 @@ def gpu_memory() -> list[dict[str, Any]]:
             }
         )
     return devices
+
+
+def publish_memory_metrics() -> None:
+    """The engine's RSS and VMS and, where CUDA exists, each device's allocated and reserved memory, for /metrics."""
+    gpu = {
+        f"cuda:{index}": (torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index))
+        for index in range(torch.cuda.device_count())
+    }
+    info = psutil.Process().memory_info()
+    record_memory(info.rss, info.vms, gpu)
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number

@@ -33,6 +33,7 @@ from domain import (
     OverloadedError,
     Prompt,
 )
+from metrics import GENERATION_SECONDS, LOAD_SECONDS, LOADED_MODELS
 
 from . import fast_linear, paged_attention
 from .devices import dtype_for, resolve_device
@@ -159,6 +160,7 @@ class TransformersModelRepository(ModelRepository):
                 self._drop(model_id)
             self._loaded[model_id] = self._load(entry, target)
             self._changed_at[model_id] = _now()
+            LOADED_MODELS.set(len(self._loaded))
         return self._describe(entry)
 
     def unload_blocking(self, model_id: str) -> Model:
@@ -228,13 +230,15 @@ class TransformersModelRepository(ModelRepository):
             raise ModelUnloadingError(f"model {loaded.model_id!r} was unloaded before this generation finished")
         if finish.reason not in ("stop", "length"):
             raise GenerationError(f"generation with {loaded.model_id!r} failed: {finish.reason} {finish.detail}".strip())
+        generation_time = time.perf_counter() - started
+        GENERATION_SECONDS.labels(model=loaded.model_id).observe(generation_time)
         return Generation(
             text=decoder.text(),
             model_id=loaded.model_id,
             finish_reason=finish.reason,
             prompt_tokens=finish.prompt_tokens,
             completion_tokens=finish.completion_tokens,
-            generation_time_s=round(time.perf_counter() - started, 4),
+            generation_time_s=round(generation_time, 4),
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
             time_to_first_token_s=round((first_token_at or time.perf_counter()) - started, 4),
@@ -279,6 +283,7 @@ class TransformersModelRepository(ModelRepository):
         scheduler.start()
         memory_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         load_time = time.perf_counter() - started
+        LOAD_SECONDS.labels(model=entry.model_id).observe(load_time)
         logger.info(
             "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB, %d linear layers on the small-row kernel)",
             entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20, switched,
@@ -296,6 +301,7 @@ class TransformersModelRepository(ModelRepository):
     def _drop(self, model_id: str) -> None:
         loaded = self._loaded.pop(model_id)
         self._changed_at[model_id] = _now()
+        LOADED_MODELS.set(len(self._loaded))
         loaded.scheduler.stop(UNLOADED)
         device = loaded.device
         del loaded  # the last reference to the weights: the memory can go

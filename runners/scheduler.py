@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from metrics import SchedulerMetrics
+
 from .kv_cache import BLOCK_SIZE, PADDING_BLOCK, CacheFull, PagedKVCache, block_hashes
 from .paged_attention import PromptChunk, StepPlan
 
@@ -71,6 +73,9 @@ class Sequence:
     computed: int = 0  # tokens whose keys and values are in the cache
     cached_prompt_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
 
     @property
     def prompt_length(self) -> int:
@@ -110,6 +115,7 @@ class BatchScheduler:
         self.failure = ""  # set when the thread died: the model can serve nothing more
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self.steps = 0
+        self._metrics = SchedulerMetrics.for_model(name)
 
     # Called from any thread.
 
@@ -126,6 +132,7 @@ class BatchScheduler:
             self._finish(sequence, "cancelled", reason)
         self._waiting.clear()
         self._running.clear()
+        self._metrics.occupancy(0, 0)
 
     def submit(self, request: SamplingRequest, sink: Sink) -> Sequence:
         sequence = Sequence(request, sink, block_hashes(request.prompt_ids))
@@ -186,12 +193,14 @@ class BatchScheduler:
                 self._retire(sequence, "error", failure)
             else:
                 self._finish(sequence, "error", failure)
+        self._metrics.occupancy(0, 0)
 
     def _serve(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
                     while not self._stopped and not self._waiting and not self._running:
+                        self._metrics.occupancy(0, 0)
                         self._wakeup.wait()
                         if self.batch_wait_s and not self._running:
                             self._wakeup.wait(self.batch_wait_s)  # let a burst arrive together
@@ -199,6 +208,7 @@ class BatchScheduler:
                         return
                     self._drop_ended_waiting()
                     self._admit()
+                    self._metrics.occupancy(len(self._waiting), len(self._running))
                 self._drop_ended_running()
                 if self._running:
                     self._step_guarded()
@@ -260,6 +270,7 @@ class BatchScheduler:
         chunks: list[PromptChunk] = []
         prefilling: list[Sequence] = []
         budget = self.prefill_budget
+        now = time.monotonic()
         # Shortest remaining prompt first: a short request is never stuck behind a long prefill.
         waiting_for_prefill = sorted((s for s in self._running if not s.decoding), key=lambda s: s.prompt_length - s.computed)
         for sequence in waiting_for_prefill:
@@ -267,6 +278,9 @@ class BatchScheduler:
                 break
             prefilling.append(sequence)
             start, end = sequence.computed, min(sequence.prompt_length, sequence.computed + budget)
+            if start == sequence.cached_prompt_tokens:  # its first step
+                self._metrics.queue_wait.observe(now - sequence.submitted_at)
+                self._metrics.prompt_tokens.inc(sequence.prompt_length)
             budget -= end - start
             offset = len(tokens)
             tokens += sequence.request.prompt_ids[start:end]
@@ -295,6 +309,7 @@ class BatchScheduler:
             engine_step=plan,
         ).logits[0]
         self.steps += 1
+        self._metrics.step_sequences.observe(len(decoders) + len(prefilling))
         for sequence, chunk in zip(prefilling, chunks):
             sequence.computed = chunk.kv_index.numel()
             if sequence.decoding:
@@ -331,8 +346,13 @@ class BatchScheduler:
         return chosen.tolist()
 
     def _emit(self, sequences: list[Sequence], token_ids: list[int]) -> None:
+        now = time.monotonic()
         for sequence, token_id in zip(sequences, token_ids):
             sequence.output_ids.append(token_id)
+            sequence.last_token_at = now
+            if len(sequence.output_ids) == 1:
+                sequence.first_token_at = now
+                self._metrics.time_to_first_token.observe(now - sequence.submitted_at)
             if token_id in self._eos:
                 self._retire(sequence, "stop")
                 continue
@@ -350,8 +370,13 @@ class BatchScheduler:
         sequence.blocks = []
         self._finish(sequence, reason, detail)
 
-    @staticmethod
-    def _finish(sequence: Sequence, reason: str, detail: str = "") -> None:
+    def _finish(self, sequence: Sequence, reason: str, detail: str = "") -> None:
+        generated = len(sequence.output_ids)
+        if generated:
+            self._metrics.generated_tokens.inc(generated)
+        if generated > 1:
+            decoding_s = sequence.last_token_at - sequence.first_token_at
+            self._metrics.time_per_output_token.observe(decoding_s / (generated - 1))
         sequence.sink(
             FinishEvent(reason, sequence.prompt_length, len(sequence.output_ids), sequence.cached_prompt_tokens, detail)
         )

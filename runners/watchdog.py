@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
-from .memory import MemoryLimits, SystemMemory, release_freed_memory, system_memory
+from .memory import MemoryLimits, SystemMemory, publish_memory_metrics, release_freed_memory, system_memory
 from .repository import TransformersModelRepository
 
 logger = logging.getLogger(__name__)
@@ -18,8 +18,9 @@ class MemoryWatchdog:
     """Every `interval_s`: unload models unused for `idle_timeout_s` (MODEL_IDLE_TIMEOUT, 0 = never,
     like Ollama's keep_alive); then, when memory use passes MAX_MEMORY_USAGE or free memory falls
     below MIN_MEMORY_GB, free what is garbage and unload idle models, least recently used first,
-    until memory is back within the limits. A model a generation is using is never unloaded, and
-    memory pressure never unloads the default model (requests would only load it again)."""
+    until memory is back within the limits; then it publishes the engine's memory on /metrics. A
+    model a generation is using is never unloaded, and memory pressure never unloads the default
+    model (requests would only load it again)."""
 
     def __init__(
         self,
@@ -73,8 +74,11 @@ class MemoryWatchdog:
         return expired
 
     def _watch(self) -> None:
-        while not self._stopped.wait(self._interval_s):
+        while True:  # the first round at once, so that /metrics shows memory from the start
             try:
                 self.check()
+                publish_memory_metrics()
             except Exception:  # the watchdog must outlive any one bad round
                 logger.exception("memory watchdog round failed")
+            if self._stopped.wait(self._interval_s):
+                return

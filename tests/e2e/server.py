@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +45,21 @@ class RunningService:
         return self.process.returncode
 
 
+def own_home(store: Path, beside: Path) -> Path:
+    """A BENTOML_HOME for one server that shares `store`'s models. A server starting empties its home's
+    Prometheus directory and task database, so servers that run side by side must not share one."""
+    home = Path(tempfile.mkdtemp(prefix="bentoml-home-", dir=beside))
+    (home / "models").symlink_to(store / "models")
+    return home
+
+
 def launch(log_path: Path, env: dict[str, str] | None = None) -> RunningService:
     port = free_port()
     command = [BENTOML, "serve", "service:AIModelService", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, **(env or {})}
+    env["BENTOML_HOME"] = str(own_home(Path(env["BENTOML_HOME"]), log_path.parent))
     log = log_path.open("w")
-    process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return RunningService(f"http://127.0.0.1:{port}", process, log_path)
 
 

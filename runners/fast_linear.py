@@ -3,13 +3,17 @@
 MKL's sgemm is slow for a handful of rows: at 8 rows a step's matrix products cost about twice
 those at 1 row, though both read the same weights. The kernel reads each weight once per call
 and uses it for every row, so up to MAX_ROWS rows cost little more than one. It is built on
-first use with the local C++ compiler; where it cannot be (no AVX2/FMA, no compiler, a failed
-build) layers keep F.linear.
+first use with the local C++ compiler; where it cannot be (no AVX2/FMA, no compiler, no writable
+build directory, a failed build) layers keep F.linear.
+
+The build directory is named after the source's hash and compiles a copy of the source kept in it,
+so a checkout and a Bento with the same kernel share one build wherever their code lies.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -19,7 +23,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import load
+from torch.utils.cpp_extension import get_default_build_root, load
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,34 @@ def cpu_has_avx2_fma() -> bool:
     return {"avx2", "fma"} <= set(flags)
 
 
+def build_roots() -> list[Path]:
+    """TORCH_EXTENSIONS_DIR; else the checkout's .build, then torch's per-user cache for code that cannot
+    write beside itself (a Bento owned by another user, a read-only image)."""
+    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return [Path(explicit)] if explicit else [DEFAULT_BUILD_ROOT, Path(get_default_build_root())]
+
+
+def writable_build_dir() -> Path | None:
+    """The first build root that can be written, with this source and torch version's directory in it."""
+    source = SOURCE.read_bytes()
+    name = f"small_linear-torch{torch.__version__}-{hashlib.sha256(source).hexdigest()[:12]}"
+    for root in build_roots():
+        build_dir = root / name
+        copy = build_dir / SOURCE.name
+        try:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(build_dir, os.W_OK):  # torch takes a lock file there even to load a finished build
+                continue
+            if not copy.exists():  # written once: a new mtime would make ninja build again
+                partial = build_dir / f"{SOURCE.name}.{os.getpid()}.partial"
+                partial.write_bytes(source)
+                partial.replace(copy)
+        except OSError:
+            continue
+        return build_dir
+    return None
+
+
 @functools.cache
 def load_kernel() -> ModuleType | None:
     """The compiled extension, built once per source, flags and torch version.
@@ -56,13 +88,18 @@ def load_kernel() -> ModuleType | None:
     interpreter_bin = str(Path(sys.executable).parent)
     if interpreter_bin not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([interpreter_bin, os.environ.get("PATH", "")])
-    build_root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", DEFAULT_BUILD_ROOT))
-    build_dir = build_root / f"small_linear-torch{torch.__version__}"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    if not SOURCE.is_file():  # a Bento built without runners/csrc
+        logger.warning("small-row linear kernel off: its source %s is missing", SOURCE)
+        return None
+    build_dir = writable_build_dir()
+    if build_dir is None:
+        roots = " or ".join(map(str, build_roots()))
+        logger.warning("small-row linear kernel off: no writable build directory in %s", roots)
+        return None
     try:
         return load(
             name="small_linear",
-            sources=[str(SOURCE)],
+            sources=[str(build_dir / SOURCE.name)],
             # -fopenmp so at::parallel_for uses torch's OpenMP threads; the library is torch's own libgomp.
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -98,18 +135,20 @@ def accelerate(model: torch.nn.Module) -> int:
 
     The layers keep their parameters (tied ones stay tied): only their class changes.
     """
+    layers = [
+        module
+        for module in model.modules()
+        if type(module) is torch.nn.Linear
+        and module.weight.dtype == torch.float32
+        and module.weight.device.type == "cpu"
+        and module.weight.is_contiguous()
+    ]
+    if not layers:  # a model on a GPU, or in bf16: nothing to build the kernel for
+        return 0
     kernel = load_kernel()
     if kernel is None:
         return 0
     SmallBatchLinear.kernel = kernel
-    switched = 0
-    for module in model.modules():
-        if (
-            type(module) is torch.nn.Linear
-            and module.weight.dtype == torch.float32
-            and module.weight.device.type == "cpu"
-            and module.weight.is_contiguous()
-        ):
-            module.__class__ = SmallBatchLinear
-            switched += 1
-    return switched
+    for layer in layers:
+        layer.__class__ = SmallBatchLinear
+    return len(layers)

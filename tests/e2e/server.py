@@ -17,6 +17,7 @@ import httpx
 from tests.conftest import ROOT
 
 BENTOML = str(Path(sys.executable).parent / "bentoml")
+SERVICE = "service:AIModelService"
 
 
 def free_port() -> int:
@@ -46,20 +47,27 @@ class RunningService:
 
 
 def own_home(store: Path, beside: Path) -> Path:
-    """A BENTOML_HOME for one server that shares `store`'s models. A server starting empties its home's
-    Prometheus directory and task database, so servers that run side by side must not share one."""
+    """A BENTOML_HOME for one server that shares `store`'s models and Bentos. A server starting empties its
+    home's Prometheus directory and task database, so servers that run side by side must not share one."""
     home = Path(tempfile.mkdtemp(prefix="bentoml-home-", dir=beside))
-    (home / "models").symlink_to(store / "models")
+    for shared in ("models", "bentos"):
+        if (store / shared).is_dir():
+            (home / shared).symlink_to(store / shared)
     return home
 
 
-def launch(log_path: Path, env: dict[str, str] | None = None) -> RunningService:
+def launch(
+    log_path: Path, env: dict[str, str] | None = None, *, target: str = SERVICE, cwd: Path = ROOT
+) -> RunningService:
+    """`bentoml serve TARGET` (the checkout's service, or a Bento's tag) from CWD.
+
+    The address comes from HOST and PORT, as in the container image, rather than from flags."""
     port = free_port()
-    command = [BENTOML, "serve", "service:AIModelService", "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, **(env or {})}
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **(env or {})}
     env["BENTOML_HOME"] = str(own_home(Path(env["BENTOML_HOME"]), log_path.parent))
     log = log_path.open("w")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [BENTOML, "serve", target]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return RunningService(f"http://127.0.0.1:{port}", process, log_path)
 
 
@@ -78,7 +86,9 @@ def wait_ready(service: RunningService, timeout_s: float = 180) -> None:
     raise RuntimeError(f"bentoml serve was not ready in {timeout_s}s:\n{service.logs()[-4000:]}")
 
 
-def start(log_path: Path, env: dict[str, str] | None = None) -> RunningService:
-    service = launch(log_path, env)
+def start(
+    log_path: Path, env: dict[str, str] | None = None, *, target: str = SERVICE, cwd: Path = ROOT
+) -> RunningService:
+    service = launch(log_path, env, target=target, cwd=cwd)
     wait_ready(service)
     return service

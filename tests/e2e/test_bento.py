@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import bentoml
@@ -42,7 +43,7 @@ def link_or_copy(source: str, destination: str) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def bento_home(tmp_path_factory) -> Path:
+def bento_home(tmp_path_factory) -> Iterator[Path]:
     """BENTOML_HOME for this module's commands: a store with the default model and nothing else."""
     home = tmp_path_factory.mktemp("bentoml-home")
     model = bentoml.models.get(get_settings().default_model_id)

@@ -40,7 +40,8 @@ class GenerationParams:
 
     @property
     def deterministic(self) -> bool:
-        """The same request always gets the same text, so its answer may be cached."""
+        """The same request always gets the same text, so its answer may be cached. An explicit seed
+        will make a sampled request deterministic too, once GenerationParams has one."""
         return self.greedy
 
 

@@ -2,8 +2,9 @@
 
 A generation is deterministic when its parameters fix its text (`GenerationParams.deterministic`).
 Its key is a hash of everything that decides that text: the model id, every prompt message (the
-system prompt included) and every generation parameter except those that only bound its time, so a
-parameter added to GenerationParams joins the key by itself. The version in the prefix changes when
+system prompt included) and every generation parameter except those that only bound its time. A
+parameter added to GenerationParams joins the key by itself; left at its default it is left out, so
+the keys of requests that do not use it stay as they were. The version in the prefix changes when
 the meaning of a key or of a stored answer does, which leaves old entries unread until they expire.
 """
 
@@ -16,7 +17,8 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import MISSING, Field, fields
+from typing import Any
 
 from .generation import Generation, GenerationParams, Prompt
 
@@ -25,10 +27,20 @@ KEY_PREFIX = "ai-model:response:v1:"
 PARAMS_NOT_IN_KEY = frozenset({"timeout_s"})
 
 
+def _default_of(parameter: Field) -> Any:
+    if parameter.default_factory is not MISSING:
+        return parameter.default_factory()
+    return parameter.default  # MISSING for a parameter without a default: always in the key
+
+
 def response_key(model_id: str, prompt: Prompt, params: GenerationParams) -> str:
-    parameters = {name: value for name, value in asdict(params).items() if name not in PARAMS_NOT_IN_KEY}
+    deciding = {
+        parameter.name: getattr(params, parameter.name)
+        for parameter in fields(params)
+        if parameter.name not in PARAMS_NOT_IN_KEY and getattr(params, parameter.name) != _default_of(parameter)
+    }
     canonical = json.dumps(
-        {"model_id": model_id, "messages": prompt.to_list(), "params": parameters},
+        {"model_id": model_id, "messages": prompt.to_list(), "params": deciding},
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),

@@ -25,7 +25,6 @@ from domain import (
     PromptBuilder,
     response_key,
 )
-from domain.response_cache import KEY_PREFIX
 from tests.unit.fakes import DEFAULT_MODEL_ID, LIMITS, SYSTEM_PROMPT, TEST_MODEL_ID, FakeModelRepository
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,11 +136,11 @@ class TestResponseKey:
 
         assert keys == {response_key("m", Prompt((ChatMessage("user", "hi"),)), GenerationParams(10, 0.0, 30.0))}
 
-    def test_is_versioned_and_fixed_in_length(self) -> None:
-        key = response_key(DEFAULT_MODEL_ID, PROMPT, GREEDY)
+    def test_is_versioned_and_stays_what_it_was(self) -> None:
+        """Instances of two releases share Redis: a key that changes needs a new version in KEY_PREFIX."""
+        key = response_key("smollm2-135m-instruct", PROMPT, GREEDY)
 
-        assert key.startswith(KEY_PREFIX) and KEY_PREFIX.endswith(":v1:")
-        assert len(key) == len(KEY_PREFIX) + 64
+        assert key == "ai-model:response:v1:6f7af0d8280e50722956600013535582a0554b25dd16519a262472665fe9e17a"
 
     @pytest.mark.parametrize(
         "model_id, prompt, params",
@@ -163,14 +162,17 @@ class TestResponseKey:
 
         assert response_key(DEFAULT_MODEL_ID, PROMPT, shorter) == response_key(DEFAULT_MODEL_ID, PROMPT, GREEDY)
 
-    def test_a_parameter_added_to_the_generation_parameters_joins_the_key(self) -> None:
+    def test_a_parameter_added_to_the_generation_parameters_joins_the_key_unless_left_at_its_default(self) -> None:
         @dataclasses.dataclass(frozen=True)
-        class SeededParams(GenerationParams):
+        class NewParams(GenerationParams):
             seed: int | None = None
+            stop: tuple[str, ...] = dataclasses.field(default_factory=tuple)
 
-        keys = {response_key(DEFAULT_MODEL_ID, PROMPT, SeededParams(10, 0.0, 30.0, seed=seed)) for seed in (1, 2)}
+        def key(**new: object) -> str:
+            return response_key(DEFAULT_MODEL_ID, PROMPT, NewParams(10, 0.0, 30.0, **new))
 
-        assert len(keys) == 2
+        assert key() == key(seed=None, stop=()) == response_key(DEFAULT_MODEL_ID, PROMPT, GREEDY)
+        assert len({key(), key(seed=1), key(seed=2), key(stop=("\n",)), key(seed=1, stop=("\n",))}) == 5
 
 
 def load(service: ModelService) -> None:

@@ -99,7 +99,7 @@ class AIModelService:
             settings.prompt_builder,
             settings.generation_limits,
             settings.auto_load_models,
-            self.response_cache,
+            cache=self.response_cache,
         )
         defer_sigterm(
             busy=lambda: admission.in_flight > 0,

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import RedisServer
-
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
@@ -23,11 +21,3 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
         [sys.executable, str(ROOT / "scripts" / "make_test_model.py"), "--out", str(out)], check=True, capture_output=True
     )
     return out
-
-
-@pytest.fixture
-def redis_server(tmp_path_factory):
-    """A real, empty redis-server on a free loopback port, killed after the test."""
-    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()

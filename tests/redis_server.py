@@ -10,14 +10,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.e2e.server import free_port
+
 REDIS_SERVER = shutil.which("redis-server")
 MISSING = "redis-server is not installed: apt-get install -y redis-server (.ci/run does it)"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def answers_ping(port: int) -> bool:
@@ -42,7 +38,8 @@ class RedisServer:
     @classmethod
     def start(cls, directory: Path, port: int | None = None) -> RedisServer:
         """A cache-only server (no snapshots, no append-only file) in `directory`; waits for PING."""
-        assert REDIS_SERVER, MISSING
+        if REDIS_SERVER is None:
+            raise RuntimeError(MISSING)
         port = port or free_port()
         command = [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
         command += ["--save", "", "--appendonly", "no", "--daemonize", "no"]

@@ -40,6 +40,7 @@ from domain import Generation, GenerateText, GenerateTextUseCase, LoadModel, Mod
 from runners.client import ENGINE_UNREACHABLE, EngineClient
 from runners.drain import defer_sigterm, drain_limit_s
 from runners.engine import GenerationEngine
+from runners.response_cache import response_cache_for
 from settings import get_settings
 
 settings = get_settings()
@@ -98,8 +99,14 @@ class AIModelService:
         self.models = ModelService(
             client, client, settings.default_model_id, settings.device_type, settings.model_idle_timeout
         )
+        self.response_cache = response_cache_for(settings)
         self.generate_text = GenerateTextUseCase(
-            self.models, client, settings.prompt_builder, settings.generation_limits, settings.auto_load_models
+            self.models,
+            client,
+            settings.prompt_builder,
+            settings.generation_limits,
+            settings.auto_load_models,
+            cache=self.response_cache,
         )
         defer_sigterm(
             busy=lambda: admission.in_flight > 0,
@@ -118,8 +125,10 @@ class AIModelService:
             return False
 
     @bentoml.on_shutdown
-    async def close_engine_client(self) -> None:
+    async def close_clients(self) -> None:
         await self.engine_client.close()
+        if self.response_cache is not None:
+            await self.response_cache.close()
 
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **request: Any) -> GenerateResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +16,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def validate_device(value: str) -> str:
@@ -58,6 +60,11 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, le=100_000, description="requests waiting per model; past it, 429")
     prefill_token_budget: int = Field(512, ge=16, le=65536, description="prompt tokens computed per batch step")
     kv_cache_mb: int = Field(1024, ge=16, description="memory for each loaded model's KV cache (MiB)")
+    # The response cache of deterministic requests (README, "Response cache").
+    response_cache_size: int = Field(1024, ge=0, description="answers kept per worker without Redis; 0 = no cache")
+    response_cache_ttl: float = Field(3600.0, ge=0.0, description="seconds a cached answer is served; 0 = no limit")
+    redis_url: str | None = Field(None, description="redis:// URL of the cache shared by workers and instances")
+    redis_timeout: float = Field(0.2, gt=0.0, le=10.0, description="seconds a Redis call may take before it is skipped")
     host: str = "127.0.0.1"
     port: int = Field(8003, ge=1, le=65535)
 
@@ -65,6 +72,15 @@ class Settings(BaseSettings):
     @classmethod
     def _device(cls, value: str) -> str:
         return validate_device(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if urlparse(value).scheme not in REDIS_SCHEMES:
+            raise ValueError(f"must start with {' or '.join(scheme + '://' for scheme in REDIS_SCHEMES)}")
+        return value
 
     @field_validator("model_dtype")
     @classmethod

@@ -91,6 +91,7 @@ class GenerateResponse(BaseModel):
     time_to_first_token_ms: float
     cached_prompt_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
     total_time_ms: float
+    cached: bool = Field(description="served from the response cache: nothing was generated, the generation times are 0")
 
     @classmethod
     def of(cls, generation: Generation, total_time_s: float) -> GenerateResponse:
@@ -107,6 +108,7 @@ class GenerateResponse(BaseModel):
             time_to_first_token_ms=round(generation.time_to_first_token_s * 1000, 2),
             cached_prompt_tokens=generation.cached_prompt_tokens,
             total_time_ms=round(total_time_s * 1000, 2),
+            cached=generation.cached,
         )
 
 

@@ -24,6 +24,7 @@ from .generation import ChatMessage, Generation, GenerationLimits, GenerationPar
 from .model import Model
 from .ports import ModelRepository, SystemMonitor
 from .prompt import PromptBuilder
+from .response_cache import LruResponseCache, ResponseCache, response_key
 from .services import ModelService
 from .use_cases import GenerateTextUseCase
 
@@ -40,6 +41,7 @@ __all__ = [
     "GenerationTimeoutError",
     "InsufficientMemoryError",
     "InvalidRequestError",
+    "LruResponseCache",
     "LoadModel",
     "Model",
     "ModelCatalog",
@@ -54,8 +56,10 @@ __all__ = [
     "EngineUnavailableError",
     "Prompt",
     "PromptBuilder",
+    "ResponseCache",
     "SystemMonitor",
     "UnloadModel",
     "error_from_type",
     "raise_if_error",
+    "response_key",
 ]

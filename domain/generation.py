@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import InvalidRequestError
@@ -37,6 +37,12 @@ class GenerationParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def deterministic(self) -> bool:
+        """The same request always gets the same text, so its answer may be cached. An explicit seed
+        will make a sampled request deterministic too, once GenerationParams has one."""
+        return self.greedy
 
 
 @dataclass(frozen=True)
@@ -76,9 +82,13 @@ class Generation:
     temperature: float
     time_to_first_token_s: float = 0.0
     cached_prompt_tokens: int = 0
+    cached: bool = False  # served from the response cache: nothing was generated for this request
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def from_cache(self) -> Generation:
+        return replace(self, cached=True, generation_time_s=0.0, time_to_first_token_s=0.0)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Generation:

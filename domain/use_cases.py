@@ -8,6 +8,7 @@ from .errors import InsufficientMemoryError, ModelNotLoadedError
 from .generation import Generation, GenerationLimits, GenerationParams, Prompt
 from .ports import ModelRepository
 from .prompt import PromptBuilder
+from .response_cache import ResponseCache, response_key
 from .services import ModelService
 
 T = TypeVar("T")
@@ -17,7 +18,11 @@ class GenerateTextUseCase:
     """Generates an answer to a query with its context, recovering once from each recoverable error:
     a model that is not loaded is loaded (when auto-load is on), a lack of memory is met by
     optimizing memory; anything else, or the same error twice, reaches the caller. A stream
-    recovers only before its first piece of text."""
+    recovers only before its first piece of text.
+
+    With a response cache, a deterministic request is answered from it when it holds the answer,
+    and its answer is stored there once generated. A cached answer streams as one piece of text.
+    Other requests never touch the cache."""
 
     def __init__(
         self,
@@ -26,28 +31,54 @@ class GenerateTextUseCase:
         prompts: PromptBuilder,
         limits: GenerationLimits,
         auto_load: bool = True,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._models = models
         self._repository = repository
         self._prompts = prompts
         self._limits = limits
         self._auto_load = auto_load
+        self._cache = cache
 
     async def __call__(self, command: GenerateText) -> Generation:
         model_id, prompt, params = self._prepare(command)
-        return await self._recovering(model_id, lambda: self._repository.generate_text(model_id, prompt, params))
+        key = self._cache_key(model_id, prompt, params)
+        if (cached := await self._lookup(key)) is not None:
+            return cached.from_cache()
+        generation = await self._recovering(model_id, lambda: self._repository.generate_text(model_id, prompt, params))
+        return await self._stored(key, generation)
 
     async def stream(self, command: GenerateText) -> AsyncIterator[str | Generation]:
         model_id, prompt, params = self._prepare(command)
+        key = self._cache_key(model_id, prompt, params)
+        if (cached := await self._lookup(key)) is not None:
+            if cached.text:
+                yield cached.text
+            yield cached.from_cache()
+            return
 
         async def first_item() -> tuple[str | Generation, AsyncIterator[str | Generation]]:
             items = aiter(self._repository.stream_text(model_id, prompt, params))
             return await anext(items), items
 
         first, rest = await self._recovering(model_id, first_item)
-        yield first
+        yield await self._stored(key, first)
         async for item in rest:
-            yield item
+            yield await self._stored(key, item)
+
+    def _cache_key(self, model_id: str, prompt: Prompt, params: GenerationParams) -> str | None:
+        if self._cache is None or not params.deterministic:
+            return None
+        return response_key(model_id, prompt, params)
+
+    async def _lookup(self, key: str | None) -> Generation | None:
+        return None if key is None else await self._cache.get(key)
+
+    async def _stored(self, key: str | None, item: T) -> T:
+        """The item; a final Generation is also stored in the cache under the key."""
+        if key is not None and isinstance(item, Generation):
+            await self._cache.put(key, item)
+        return item
 
     def _prepare(self, command: GenerateText) -> tuple[str, Prompt, GenerationParams]:
         return (

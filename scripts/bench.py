@@ -1,7 +1,7 @@
 """Throughput and latency of the service under concurrent load, batching on against batching off.
 
     python scripts/bench.py                        # starts the service twice (batched, MAX_BATCH_SIZE=1)
-    python scripts/bench.py --url http://host:8003 --modes as-is   # an already running service
+    python scripts/bench.py --url http://host:8003 --modes as-is   # a running one, started with RESPONSE_CACHE_SIZE=0
     python scripts/bench.py --quick                # fewer requests, for a smoke run
 
 Every request goes through POST /generate/stream, so each one gives its time to first token as well
@@ -243,7 +243,13 @@ def main() -> None:
 
     os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    base_env = {"MAX_NEW_TOKENS": "128", "MAX_GENERATION_TIME": "600", **dict(item.split("=", 1) for item in args.env)}
+    # No response cache: the prompts repeat, and every request should reach the engine.
+    base_env = {
+        "MAX_NEW_TOKENS": "128",
+        "MAX_GENERATION_TIME": "600",
+        "RESPONSE_CACHE_SIZE": "0",
+        **dict(item.split("=", 1) for item in args.env),
+    }
     mode_env = {"batched": {}, "unbatched": {"MAX_BATCH_SIZE": "1"}}
     cells: list[Cell] = []
     probe_report = []

@@ -204,7 +204,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.flip_every % args.sample_every:
         parser.error("--flip-every must be a multiple of --sample-every")
-    with served(args.url, args.port, {}, ".soak.log") as (url, process):
+    # No response cache: the prompts repeat, and every request should reach the engine.
+    with served(args.url, args.port, {"RESPONSE_CACHE_SIZE": "0"}, ".soak.log") as (url, process):
         processes = ServiceProcesses(process.pid if process else None, url)
         started = time.perf_counter()
         statuses, samples = asyncio.run(soak(url, args, processes))

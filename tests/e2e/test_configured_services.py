@@ -122,7 +122,8 @@ def test_clients_that_disconnect_free_their_batch_slot(run_service):
 
 
 def test_a_burst_past_the_queue_gets_429_at_once_and_the_service_goes_on(run_service):
-    service = run_service(MAX_BATCH_SIZE="16", MAX_CONCURRENT_REQUESTS="32")
+    # No response cache: the 200 identical requests must all queue for the engine.
+    service = run_service(MAX_BATCH_SIZE="16", MAX_CONCURRENT_REQUESTS="32", RESPONSE_CACHE_SIZE="0")
     body = {"query": "Is this post spam? Answer yes or no.", "context": ["Buy cheap watches now!"], "temperature": 0}
 
     async def burst() -> list[tuple[int, float, str | None]]:
@@ -198,7 +199,8 @@ def engine_rss_mb(url: str) -> float:
 
 
 def test_load_and_unload_under_16_streams_give_no_500_and_give_the_memory_back(run_service):
-    service = run_service(PRELOAD_DEFAULT_MODEL="false")
+    # No response cache: every stream must reach the engine while the model comes and goes.
+    service = run_service(PRELOAD_DEFAULT_MODEL="false", RESPONSE_CACHE_SIZE="0")
     france = {"query": "What is the capital of France? Answer in one sentence.", "temperature": 0}
 
     async def sixteen_streams(flips: int) -> tuple[list[int], list[dict]]:

@@ -12,7 +12,7 @@ from .server import start
 
 
 def test_a_short_soak_passes_its_verdict(tmp_path):
-    service = start(tmp_path / "soak.log")
+    service = start(tmp_path / "soak.log", {"RESPONSE_CACHE_SIZE": "0"})  # as scripts/soak.py starts it
     try:
         soak = subprocess.run(
             [sys.executable, "scripts/soak.py", "--url", service.url, "--requests", "400", "--flip-every", "300"],

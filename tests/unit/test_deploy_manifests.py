@@ -45,9 +45,6 @@ SPEC_VARIABLES = (
     "MAX_MEMORY_USAGE",
     "MIN_MEMORY_GB",
 )
-# Variables the deployment sets for work that settings.py does not read yet. An entry goes when
-# its setting lands (test_pending_variables_are_not_settings_yet says when).
-PENDING_VARIABLES = {"REDIS_URL": "the shared cache of issue 5 (scale-out)"}
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 
 API = "ai-model"
@@ -179,14 +176,9 @@ def test_every_variable_is_a_setting(source: str) -> None:
     else:
         names = {name for service in compose()["services"].values() for name in service.get("environment", {})}
 
-    unknown = names - SETTING_NAMES - set(PENDING_VARIABLES)
+    unknown = names - SETTING_NAMES
 
     assert not unknown, f"{source} sets variables that settings.py does not read: {sorted(unknown)}"
-
-
-def test_pending_variables_are_not_settings_yet() -> None:
-    landed = set(PENDING_VARIABLES) & SETTING_NAMES
-    assert not landed, f"{sorted(landed)} are settings now: take them out of PENDING_VARIABLES"
 
 
 def test_compose_and_kubernetes_carry_the_same_environment() -> None:

@@ -106,7 +106,16 @@ class TestGeneration:
             "temperature": 0.1,
             "time_to_first_token_s": 0.0,
             "cached_prompt_tokens": 0,
+            "cached": False,
         }
+
+    def test_from_cache_marks_it_cached_with_no_generation_time(self) -> None:
+        generation = a_generation()
+
+        served = generation.from_cache()
+
+        assert served.cached and served.generation_time_s == 0.0 and served.time_to_first_token_s == 0.0
+        assert served.text == generation.text and served.completion_tokens == generation.completion_tokens
 
 
 class TestPrompt:

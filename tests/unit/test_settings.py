@@ -81,6 +81,11 @@ def test_device_type_is_normalized(monkeypatch: pytest.MonkeyPatch, value: str, 
         ("MAX_MEMORY_USAGE", "1.2"),
         ("MODEL_DTYPE", "int4"),
         ("DEFAULT_MODEL_ID", "Bad/Id"),
+        ("RESPONSE_CACHE_SIZE", "-1"),
+        ("RESPONSE_CACHE_TTL", "-5"),
+        ("REDIS_URL", "http://redis:6379"),
+        ("REDIS_URL", "redis-host:6379"),
+        ("REDIS_TIMEOUT", "0"),
     ],
 )
 def test_a_bad_value_stops_start_up_naming_the_variable_and_the_value(
@@ -133,3 +138,23 @@ def test_the_prompt_builder_uses_the_system_prompt() -> None:
 
     assert isinstance(builder, PromptBuilder)
     assert builder.build("q", []).messages[0].content == "Be terse."
+
+
+def test_the_response_cache_is_in_process_unless_redis_is_named() -> None:
+    configured = Settings()
+
+    assert configured.redis_url is None
+    assert configured.response_cache_size > 0 and configured.response_cache_ttl > 0
+
+
+@pytest.mark.parametrize("value", ["redis://redis:6379/0", "rediss://:secret@cache.internal:6380/1", "unix:///run/redis.sock"])
+def test_redis_url_takes_the_redis_schemes(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("REDIS_URL", value)
+
+    assert get_settings().redis_url == value
+
+
+def test_an_empty_redis_url_means_no_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "")
+
+    assert get_settings().redis_url is None

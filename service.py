@@ -3,8 +3,9 @@
     bentoml serve service:AIModelService --port 8003
 
 POST routes are BentoML APIs (so `bentoml.SyncHTTPClient` and `/docs.json` know them); GET routes
-come from a mounted Starlette app, because BentoML APIs are POST only. Each handler turns the
-request into a command, runs it through the domain, and answers the result or the error's status.
+come from a mounted Starlette app, because BentoML APIs are POST only; the OpenAI-compatible API is
+a FastAPI app mounted at /v1 (api/openai.py). Each handler turns the request into a command, runs it
+through the domain, and answers the result or the error's status.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api.admission import AdmissionGate, AdmissionMiddleware
-from api.errors import response_for
+from api.errors import openai_error_response, response_for
+from api.openai import GENERATION_PATHS as OPENAI_GENERATION_PATHS
+from api.openai import build_openai_app
 from api.schemas import (
     EmptyRequest,
     GenerateResponse,
@@ -73,6 +76,8 @@ routes = Starlette(
         Route("/models", get_route(lambda service: service.list_models())),
     ]
 )
+OPENAI_PREFIX = "/v1"
+openai_app = build_openai_app(bentoml.get_current_service, settings.max_body_bytes)
 
 
 @bentoml.service(
@@ -83,6 +88,7 @@ routes = Starlette(
     runner_probe={"enabled": False},  # __is_ready__ probes the engine itself; BentoML's probe would ask again
 )
 @bentoml.asgi_app(routes, path="/")
+@bentoml.asgi_app(openai_app, path=OPENAI_PREFIX)
 class AIModelService:
     engine = bentoml.depends(GenerationEngine)
 
@@ -171,8 +177,12 @@ class AIModelService:
 
 
 GENERATION_ROUTES = {"/generate", "/generate/stream", "/generate-task", "/generate-task/submit"}
-# Outermost first: a request over the cap is refused before its body is read.
+OPENAI_GENERATION_ROUTES = {OPENAI_PREFIX + path for path in OPENAI_GENERATION_PATHS}
+# Outermost first: a request over the cap is refused before its body is read. Both share one count.
 AIModelService.add_asgi_middleware(AdmissionMiddleware, paths=GENERATION_ROUTES, gate=admission)
+AIModelService.add_asgi_middleware(
+    AdmissionMiddleware, paths=OPENAI_GENERATION_ROUTES, gate=admission, respond=openai_error_response
+)
 AIModelService.add_asgi_middleware(
     RequestValidationMiddleware,
     schemas={

@@ -73,3 +73,16 @@ def start(log_path: Path, env: dict[str, str] | None = None) -> RunningService:
     service = launch(log_path, env)
     wait_ready(service)
     return service
+
+
+def batch_running(url: str) -> int:
+    """Sequences in the default model's batch now."""
+    return httpx.get(f"{url}/health", timeout=10).json()["loaded_models"][0]["metadata"]["batch"]["running"]
+
+
+def wait_for_empty_batch(url: str, timeout_s: float = 3.0) -> float:
+    started = time.monotonic()
+    while batch_running(url):
+        assert time.monotonic() - started < timeout_s, "the disconnected request still holds its batch slot"
+        time.sleep(0.02)
+    return time.monotonic() - started

@@ -7,6 +7,7 @@ against the admission cap, and a client that leaves stops its generation, stream
 
 from __future__ import annotations
 
+import abc
 import json
 import time
 import uuid
@@ -64,7 +65,7 @@ async def _or_error(operation: Awaitable[T]) -> T | JSONResponse:
 
 
 @dataclass
-class AnswerFormat:
+class AnswerFormat(abc.ABC):
     """One answer's id, creation time and model, and its whole response and stream chunks in OpenAI's shapes."""
 
     model: str
@@ -77,11 +78,12 @@ class AnswerFormat:
     def __post_init__(self) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
 
-    def whole(self, generation: Generation) -> ChatCompletion | Completion:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def whole(self, generation: Generation) -> ChatCompletion | Completion: ...
 
+    @abc.abstractmethod
     def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        raise NotImplementedError
+        """The one choice of a chunk: a piece of text, or (text None) the finish reason."""
 
     def chunks(self, item: Item) -> list[dict[str, Any]]:
         if not isinstance(item, Generation):

@@ -94,7 +94,9 @@ class AnswerFormat(abc.ABC):
         return last
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model, "choices": choices}
+        chunk = {
+            "id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model, "choices": choices
+        }
         if self.include_usage:
             chunk["usage"] = usage
         return chunk
@@ -184,7 +186,10 @@ async def _invalid_request(_: Request, error: RequestValidationError) -> JSONRes
 
 
 async def _no_such_route(request: Request, error: HTTPException) -> JSONResponse:
-    message = f"{error.detail}: {request.method} {request.url.path}; this API has GET /v1/models, POST /v1/chat/completions and POST /v1/completions"
+    message = (
+        f"{error.detail}: {request.method} {request.url.path}; this API has GET /v1/models, "
+        f"POST /v1/chat/completions and POST /v1/completions"
+    )
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
     return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
@@ -200,7 +205,9 @@ def build_openai_app(backend: Callable[[], Backend], max_body_bytes: int) -> Fas
     @app.get("/models", response_model=ModelList)
     async def list_models(service: Backend = current) -> Any:
         models = await _or_error(service.models.list_models())
-        return models if isinstance(models, Response) else ModelList(data=[ModelCard.of(m, SERVICE_NAME) for m in models])
+        if isinstance(models, Response):
+            return models
+        return ModelList(data=[ModelCard.of(model, SERVICE_NAME) for model in models])
 
     @app.get("/models/{model_id}", response_model=ModelCard)
     async def get_model(model_id: str, service: Backend = current) -> Any:

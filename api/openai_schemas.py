@@ -11,7 +11,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 from domain import ChatMessage, CompletePrompt, Generation, Model, Prompt
 from domain.generation import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_SEED
@@ -57,19 +66,19 @@ def _single_prompt(prompt: Any) -> Any:
         return prompt
     if len(prompt) == 1 and isinstance(prompt[0], str):
         return prompt[0]
-    raise ValueError(f"must be a string or a list of one string (one prompt per request), got a list of {len(prompt)} items")
+    raise ValueError(
+        f"must be a string or a list of one string (one prompt per request), got a list of {len(prompt)} items"
+    )
 
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+STOP_STRING_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
 StopStrings = Annotated[
     Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None,
     BeforeValidator(_stop_list),
     WithJsonSchema(
         {
-            "anyOf": [
-                {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
-                {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}, "maxItems": MAX_STOP_STRINGS},
-            ],
+            "anyOf": [STOP_STRING_SCHEMA, {"type": "array", "items": STOP_STRING_SCHEMA, "maxItems": MAX_STOP_STRINGS}],
             "nullable": True,
         }
     ),
@@ -84,7 +93,14 @@ PromptText = Annotated[
     Annotated[str, Field(min_length=1)],
     BeforeValidator(_single_prompt),
     AfterValidator(no_nul),
-    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]}),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+            ]
+        }
+    ),
 ]
 MaxTokens = Annotated[int | None, Field(strict=True, ge=1, le=MAX_LENGTH_LIMIT)]
 

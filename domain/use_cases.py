@@ -51,7 +51,10 @@ class GenerateTextUseCase:
             yield item
 
     def _prepare(self, command: GenerateText | CompletePrompt) -> tuple[str, Prompt, GenerationParams]:
-        prompt = command.prompt if isinstance(command, CompletePrompt) else self._prompts.build(command.query, command.context)
+        if isinstance(command, CompletePrompt):
+            prompt = command.prompt
+        else:
+            prompt = self._prompts.build(command.query, command.context)
         params = self._limits.params_for(
             command.max_length,
             command.temperature,

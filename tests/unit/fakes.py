@@ -110,7 +110,7 @@ class FakeModelRepository(ModelRepository):
             text=text,
             model_id=model_id,
             finish_reason="stop",
-            prompt_tokens=sum(len(message.content.split()) for message in prompt.messages) + len((prompt.text or "").split()),
+            prompt_tokens=len(" ".join([message.content for message in prompt.messages] + [prompt.text or ""]).split()),
             completion_tokens=len(text.split()),
             generation_time_s=0.0,
             max_new_tokens=params.max_new_tokens,

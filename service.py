@@ -4,8 +4,9 @@
 
 POST routes are BentoML APIs (so `bentoml.SyncHTTPClient` knows them); GET routes come from a
 mounted FastAPI app, because BentoML APIs are POST only, and BentoML merges its routes into
-`/docs.json`. Each handler turns the request into a command, runs it through the domain, and answers
-the result or the error's status.
+`/docs.json`; the OpenAI-compatible API is a FastAPI app mounted at /v1 (api/openai.py). Each handler
+turns the request into a command, runs it through the domain, and answers the result or the error's
+status.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from api.admission import AdmissionGate, AdmissionMiddleware
-from api.errors import response_for
+from api.errors import openai_error_response, response_for
+from api.openai import GENERATION_PATHS as OPENAI_GENERATION_PATHS
+from api.openai import build_openai_app
 from api.openapi import DocumentedErrorsMiddleware
 from api.schemas import (
     EmptyRequest,
@@ -81,6 +84,8 @@ get_route("/health", "Status, loaded models and memory", HealthResponse, lambda 
 get_route("/system-info", "CPU, threads, devices and settings", SystemInfoResponse, lambda service: service.models.system_info())
 get_route("/memory-usage", "Memory, and each loaded model's size and last use", MemoryUsageResponse, lambda service: service.models.memory_usage())
 get_route("/models", "The models in the store, loaded or not", ModelsResponse, lambda service: service.list_models())
+OPENAI_PREFIX = "/v1"
+openai_app = build_openai_app(bentoml.get_current_service, settings.max_body_bytes)
 
 
 @bentoml.service(
@@ -91,6 +96,7 @@ get_route("/models", "The models in the store, loaded or not", ModelsResponse, l
     runner_probe={"enabled": False},  # __is_ready__ probes the engine itself; BentoML's probe would ask again
 )
 @bentoml.asgi_app(routes, path="/")
+@bentoml.asgi_app(openai_app, path=OPENAI_PREFIX)
 class AIModelService:
     engine = bentoml.depends(GenerationEngine)
 
@@ -205,8 +211,12 @@ AIModelService.add_asgi_middleware(
     errors_by_route=ERRORS_BY_ROUTE,
     event_stream_routes=["/generate/stream"],
 )
-# Outermost first: a request over the cap is refused before its body is read.
+OPENAI_GENERATION_ROUTES = {OPENAI_PREFIX + path for path in OPENAI_GENERATION_PATHS}
+# Outermost first: a request over the cap is refused before its body is read. Both share one count.
 AIModelService.add_asgi_middleware(AdmissionMiddleware, paths=GENERATION_ROUTES, gate=admission)
+AIModelService.add_asgi_middleware(
+    AdmissionMiddleware, paths=OPENAI_GENERATION_ROUTES, gate=admission, respond=openai_error_response
+)
 AIModelService.add_asgi_middleware(
     RequestValidationMiddleware,
     schemas={

@@ -5,8 +5,10 @@ piling up in front of it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import error_response
@@ -22,10 +24,19 @@ class AdmissionGate:
 
 
 class AdmissionMiddleware:
-    def __init__(self, app: ASGIApp, paths: set[str], gate: AdmissionGate) -> None:
+    """`respond` renders a refusal: the service's error shape, or OpenAI's on the /v1 routes."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        paths: set[str],
+        gate: AdmissionGate,
+        respond: Callable[[str, str], Response] = error_response,
+    ) -> None:
         self.app = app
         self.paths = paths
         self.gate = gate
+        self.respond = respond
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
@@ -34,14 +45,14 @@ class AdmissionMiddleware:
         gate = self.gate
         if gate.draining:
             message = "the service is shutting down and takes no new generation requests; retry on another instance"
-            await error_response(message, "shutting_down")(scope, receive, send)
+            await self.respond(message, "shutting_down")(scope, receive, send)
             return
         if gate.in_flight >= gate.limit:
             message = (
                 f"the service is at its limit of {gate.limit} generation requests in this worker "
                 f"(MAX_CONCURRENT_REQUESTS across the workers); retry shortly"
             )
-            await error_response(message, "overloaded")(scope, receive, send)
+            await self.respond(message, "overloaded")(scope, receive, send)
             return
         gate.in_flight += 1
         try:

@@ -1,4 +1,5 @@
-"""One table from error kinds to HTTP statuses; every error body is `{"error", "error_type"}`."""
+"""One table from error kinds to HTTP statuses; every error body is `{"error", "error_type"}`, or on the
+OpenAI-compatible routes OpenAI's `{"error": {"message", "type", "param", "code"}}` with the kind as its code."""
 
 from __future__ import annotations
 
@@ -45,11 +46,26 @@ def count_error(error_type: str) -> None:
     ERRORS.labels(error_type=bounded(error_type, STATUS_BY_ERROR_TYPE)).inc()
 
 
+def _retry_headers(error_type: str) -> dict[str, str] | None:
+    return {"Retry-After": str(RETRY_AFTER_S)} if error_type in RETRY_LATER else None
+
+
 def error_response(message: str, error_type: str, **extra) -> JSONResponse:
     count_error(error_type)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error_type in RETRY_LATER else None
     body = {"error": message, "error_type": error_type, **extra}
-    return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=headers)
+    return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=_retry_headers(error_type))
+
+
+def openai_error_body(message: str, error_type: str, param: str | None = None) -> dict[str, dict[str, str | None]]:
+    status = STATUS_BY_ERROR_TYPE[error_type]
+    kind = "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": error_type}}
+
+
+def openai_error_response(message: str, error_type: str, param: str | None = None) -> JSONResponse:
+    count_error(error_type)
+    body = openai_error_body(message, error_type, param)
+    return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=_retry_headers(error_type))
 
 
 def error_body(error: Exception) -> dict[str, str]:

@@ -14,7 +14,7 @@ MAX_LENGTH_LIMIT = 2048
 MIN_TIMEOUT_S = 0.01
 
 
-def _no_nul(value: str) -> str:
+def no_nul(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     return value
@@ -37,8 +37,8 @@ class Request(BaseModel):
 
 def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], type[Request]]:
     """Builds the request schemas with the operator's bounds: (generate, load, unload)."""
-    Query = Annotated[str, Field(min_length=1, max_length=settings.max_query_chars), AfterValidator(_no_nul)]
-    Passage = Annotated[str, Field(max_length=settings.max_context_item_chars), AfterValidator(_no_nul)]
+    Query = Annotated[str, Field(min_length=1, max_length=settings.max_query_chars), AfterValidator(no_nul)]
+    Passage = Annotated[str, Field(max_length=settings.max_context_item_chars), AfterValidator(no_nul)]
 
     class GenerateRequest(Request):
         query: Query = Field(description="the question or instruction")
@@ -96,7 +96,7 @@ class GenerateResponse(BaseModel):
     @classmethod
     def of(cls, generation: Generation, total_time_s: float) -> GenerateResponse:
         return cls(
-            result=generation.text,
+            result=generation.text.strip(),  # the engine keeps the text as generated; /generate trims its edges
             model_id=generation.model_id,
             finish_reason=generation.finish_reason,
             prompt_tokens=generation.prompt_tokens,

@@ -20,24 +20,46 @@ def event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def server_sent_events(
-    first: str | Generation, rest: AsyncIterator[str | Generation], final: Callable[[Generation], dict[str, Any]]
-) -> AsyncIterator[str]:
-    """`data: {"text"}` per piece of text, then `data: {"done": true, ...final}`; a failure mid-stream
-    becomes a last `data: {"error", "error_type"}` event, since the status line is already sent."""
+Item = str | Generation
 
-    async def items() -> AsyncIterator[str | Generation]:
+
+async def event_stream(
+    first: Item,
+    rest: AsyncIterator[Item],
+    render: Callable[[Item], list[dict[str, Any]]],
+    render_error: Callable[[dict[str, str]], dict[str, Any]],
+    last: str | None = None,
+) -> AsyncIterator[str]:
+    """`data: {...}` for each payload an item renders to, and `data: <last>` at the end; a failure
+    mid-stream becomes a last error event, since the status line is already sent."""
+
+    async def items() -> AsyncIterator[Item]:
         yield first
         async for item in rest:
             yield item
 
     try:
         async for item in items():
-            yield event({"done": True, **final(item)} if isinstance(item, Generation) else {"text": item})
+            for payload in render(item):
+                yield event(payload)
     except Exception as error:  # noqa: BLE001: the stream ends with an error event, never a cut connection
         body = error_body(error)
         count_error(body["error_type"])
-        yield event(body)
+        yield event(render_error(body))
+    if last is not None:
+        yield f"data: {last}\n\n"
+
+
+def server_sent_events(
+    first: Item, rest: AsyncIterator[Item], final: Callable[[Generation], dict[str, Any]]
+) -> AsyncIterator[str]:
+    """/generate/stream: `data: {"text"}` per piece of text, then `data: {"done": true, ...final}`, or
+    a last `data: {"error", "error_type"}`."""
+
+    def render(item: Item) -> list[dict[str, Any]]:
+        return [{"done": True, **final(item)} if isinstance(item, Generation) else {"text": item}]
+
+    return event_stream(first, rest, render, lambda body: body)
 
 
 async def _disconnected(request: Request) -> None:

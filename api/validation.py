@@ -8,6 +8,7 @@ answers with the field, the limit and the value given. It also merges query para
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -25,18 +26,27 @@ def _preview(value: Any) -> str:
 
 
 def describe(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or "body"
+    return describe_problems(error.errors(include_url=False))
+
+
+def describe_problems(problems: Iterable[dict[str, Any]]) -> str:
+    """Pydantic's error items as one message: each field, what is wrong with it, and the value given."""
+    described = []
+    for item in problems:
+        field = field_name(item["loc"])
         if item["type"] == "extra_forbidden":
-            problems.append(f"{field}: unknown field")
+            described.append(f"{field}: unknown field")
         elif item["type"] == "value_error":
-            problems.append(f"{field}: {item['ctx']['error']}")
+            described.append(f"{field}: {item['ctx']['error']}")
         elif item["type"] == "missing":
-            problems.append(f"{field}: required field is missing")
+            described.append(f"{field}: required field is missing")
         else:
-            problems.append(f"{field}: {item['msg']}, got {_preview(item.get('input'))}")
-    return "; ".join(problems)
+            described.append(f"{field}: {item['msg']}, got {_preview(item.get('input'))}")
+    return "; ".join(described)
+
+
+def field_name(location: Iterable[str | int]) -> str:
+    return ".".join(str(part) for part in location) or "body"
 
 
 class InvalidBody(Exception):
@@ -44,6 +54,58 @@ class InvalidBody(Exception):
         super().__init__(message)
         self.message = message
         self.error_type = error_type
+
+
+async def read_body(receive: Receive, max_body_bytes: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidBody("the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise InvalidBody(f"body: must be at most {max_body_bytes} bytes, got more", "payload_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, whatever its content type; an empty body is `{}`."""
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise InvalidBody(f"body: must be UTF-8, got an invalid byte at position {error.start}") from None
+    except json.JSONDecodeError as error:
+        raise InvalidBody(f"body: must be JSON, got a syntax error at line {error.lineno} column {error.colno}: {error.msg}") from None
+    except (RecursionError, ValueError) as error:  # nesting too deep, an integer past Python's digit limit
+        raise InvalidBody(f"body: JSON too deeply nested or with a number too long to read ({type(error).__name__})") from None
+    if not isinstance(data, dict):
+        raise InvalidBody(f"body: must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def with_json_body(scope: Scope, body: bytes) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {**scope, "headers": headers, "query_string": b""}
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """Gives the validated body once, then the real connection's messages (so disconnects still show)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 class RequestValidationMiddleware:
@@ -58,8 +120,8 @@ class RequestValidationMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            body = await self._read_body(receive)
-            validated = schema.model_validate(self._merge_query(scope, self._parse(body)))
+            body = await read_body(receive, self.max_body_bytes)
+            validated = schema.model_validate(self._merge_query(scope, parse_json_object(body)))
         except InvalidBody as error:
             await error_response(error.message, error.error_type)(scope, receive, send)
             return
@@ -67,59 +129,9 @@ class RequestValidationMiddleware:
             await error_response(describe(error), "validation_error")(scope, receive, send)
             return
         body = validated.model_dump_json().encode()
-        await self.app(self._with_json_body(scope, body), self._replay(body, receive), send)
-
-    async def _read_body(self, receive: Receive) -> bytes:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise InvalidBody("the client disconnected before sending the whole body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise InvalidBody(f"body: must be at most {self.max_body_bytes} bytes, got more", "payload_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    @staticmethod
-    def _parse(body: bytes) -> dict[str, Any]:
-        if not body.strip():
-            return {}
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise InvalidBody(f"body: must be UTF-8, got an invalid byte at position {error.start}") from None
-        except json.JSONDecodeError as error:
-            raise InvalidBody(f"body: must be JSON, got a syntax error at line {error.lineno} column {error.colno}: {error.msg}") from None
-        except (RecursionError, ValueError) as error:  # nesting too deep, an integer past Python's digit limit
-            raise InvalidBody(f"body: JSON too deeply nested or with a number too long to read ({type(error).__name__})") from None
-        if not isinstance(data, dict):
-            raise InvalidBody(f"body: must be a JSON object, got {type(data).__name__}")
-        return data
+        await self.app(with_json_body(scope, body), replay(body, receive), send)
 
     @staticmethod
     def _merge_query(scope: Scope, data: dict[str, Any]) -> dict[str, Any]:
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         return {**query, **data}
-
-    @staticmethod
-    def _with_json_body(scope: Scope, body: bytes) -> Scope:
-        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        return {**scope, "headers": headers, "query_string": b""}
-
-    @staticmethod
-    def _replay(body: bytes, receive: Receive) -> Receive:
-        """Gives the validated body once, then the real connection's messages (so disconnects still show)."""
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay

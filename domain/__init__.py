@@ -4,7 +4,7 @@ Pure Python: nothing here imports torch, transformers or bentoml.
 """
 
 from .catalog import CatalogEntry, ModelCatalog
-from .commands import GenerateText, LoadModel, OptimizeMemory, UnloadModel
+from .commands import CompletePrompt, GenerateText, GenerationOptions, LoadModel, OptimizeMemory, UnloadModel
 from .errors import (
     DeviceNotAvailableError,
     GenerationError,
@@ -31,12 +31,14 @@ from .use_cases import GenerateTextUseCase
 __all__ = [
     "CatalogEntry",
     "ChatMessage",
+    "CompletePrompt",
     "DeviceNotAvailableError",
     "GenerateText",
     "GenerateTextUseCase",
     "Generation",
     "GenerationError",
     "GenerationLimits",
+    "GenerationOptions",
     "GenerationParams",
     "GenerationTimeoutError",
     "InsufficientMemoryError",

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .generation import Prompt
+
 
 @dataclass(frozen=True)
 class LoadModel:
@@ -19,12 +21,30 @@ class OptimizeMemory:
     pass
 
 
-@dataclass(frozen=True)
-class GenerateText:
-    query: str
-    context: list[str] = field(default_factory=list)
+@dataclass(frozen=True, kw_only=True)
+class GenerationOptions:
+    """What every generation command may ask for; None and () leave it to the operator's defaults."""
+
+    model_id: str | None = None
     max_length: int | None = None
     temperature: float | None = None
-    model_id: str | None = None
-    use_async: bool = True
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
     timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class GenerateText(GenerationOptions):
+    """An answer to a query with the passages retrieved for it, in the service's prompt (POST /generate)."""
+
+    query: str
+    context: list[str] = field(default_factory=list)
+    use_async: bool = True
+
+
+@dataclass(frozen=True)
+class CompletePrompt(GenerationOptions):
+    """A generation from a prompt the caller wrote: chat messages as given, or raw text to continue (/v1)."""
+
+    prompt: Prompt

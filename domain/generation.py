@@ -8,6 +8,10 @@ from typing import Any
 from .errors import InvalidRequestError
 
 MAX_TEMPERATURE = 2.0
+# OpenAI's bounds: at most 4 stop strings, and a seed is a signed 64-bit integer.
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,14 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class Prompt:
+    """Chat messages for the model's chat template, or `text` to continue as it is (a raw completion)."""
+
     messages: tuple[ChatMessage, ...]
+    text: str | None = None
+
+    @classmethod
+    def raw(cls, text: str) -> Prompt:
+        return cls((), text)
 
     def to_list(self) -> list[dict[str, str]]:
         return [asdict(message) for message in self.messages]
@@ -33,6 +44,9 @@ class GenerationParams:
     max_new_tokens: int
     temperature: float
     timeout_s: float
+    top_p: float = 1.0  # sample from the smallest set of likeliest tokens whose probability reaches top_p
+    stop: tuple[str, ...] = ()  # the text ends before the first of these, with finish reason "stop"
+    seed: int | None = None  # the same seed gives the same sampled text
 
     @property
     def greedy(self) -> bool:
@@ -40,9 +54,9 @@ class GenerationParams:
 
     @property
     def deterministic(self) -> bool:
-        """The same request always gets the same text, so its answer may be cached. An explicit seed
-        will make a sampled request deterministic too, once GenerationParams has one."""
-        return self.greedy
+        """The same request always gets the same text, so its answer may be cached: greedy, or sampled
+        with an explicit seed."""
+        return self.greedy or self.seed is not None
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,13 @@ class GenerationLimits:
     max_generation_time_s: float
 
     def params_for(
-        self, max_length: int | None, temperature: float | None, timeout_s: float | None = None
+        self,
+        max_length: int | None,
+        temperature: float | None,
+        timeout_s: float | None = None,
+        top_p: float | None = None,
+        stop: tuple[str, ...] = (),
+        seed: int | None = None,
     ) -> GenerationParams:
         if max_length is not None and max_length < 1:
             raise InvalidRequestError(f"max_length: must be at least 1, got {max_length}")
@@ -62,12 +82,28 @@ class GenerationLimits:
             raise InvalidRequestError(f"temperature: must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}")
         if timeout_s is not None and timeout_s <= 0:
             raise InvalidRequestError(f"timeout: must be more than 0 seconds, got {timeout_s}")
+        if top_p is not None and not 0.0 <= top_p <= 1.0:
+            raise InvalidRequestError(f"top_p: must be between 0 and 1, got {top_p}")
+        _check_stop(stop)
+        if seed is not None and not MIN_SEED <= seed <= MAX_SEED:
+            raise InvalidRequestError(f"seed: must be a signed 64-bit integer, got {seed}")
         requested = self.max_new_tokens if max_length is None else max_length
         return GenerationParams(
             max_new_tokens=min(requested, self.max_new_tokens),
             temperature=self.default_temperature if temperature is None else temperature,
             timeout_s=self.max_generation_time_s if timeout_s is None else min(timeout_s, self.max_generation_time_s),
+            top_p=1.0 if top_p is None else top_p,
+            stop=tuple(stop),
+            seed=seed,
         )
+
+
+def _check_stop(stop: tuple[str, ...]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    for text in stop:
+        if not 1 <= len(text) <= MAX_STOP_CHARS:
+            raise InvalidRequestError(f"stop: each stop string must be 1 to {MAX_STOP_CHARS} characters, got {text!r}")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,9 @@ class ModelService:
     async def optimize_memory(self, command: OptimizeMemory) -> dict[str, Any]:
         return await self._monitor.optimize_memory()
 
+    async def get_model(self, model_id: str) -> Model:
+        return await self._repository.get_model(model_id)
+
     async def list_models(self) -> list[Model]:
         return await self._repository.list_models()
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from .commands import GenerateText, LoadModel, OptimizeMemory
+from .commands import CompletePrompt, GenerateText, LoadModel, OptimizeMemory
 from .errors import InsufficientMemoryError, ModelNotLoadedError
 from .generation import Generation, GenerationLimits, GenerationParams, Prompt
 from .ports import ModelRepository
@@ -15,7 +15,8 @@ T = TypeVar("T")
 
 
 class GenerateTextUseCase:
-    """Generates an answer to a query with its context, recovering once from each recoverable error:
+    """Generates an answer to a query with its context (GenerateText), or to a prompt the caller wrote
+    (CompletePrompt), recovering once from each recoverable error:
     a model that is not loaded is loaded (when auto-load is on), a lack of memory is met by
     optimizing memory; anything else, or the same error twice, reaches the caller. A stream
     recovers only before its first piece of text.
@@ -40,7 +41,7 @@ class GenerateTextUseCase:
         self._auto_load = auto_load
         self._cache = cache
 
-    async def __call__(self, command: GenerateText) -> Generation:
+    async def __call__(self, command: GenerateText | CompletePrompt) -> Generation:
         model_id, prompt, params = self._prepare(command)
         key = self._cache_key(model_id, prompt, params)
         if (cached := await self._lookup(key)) is not None:
@@ -48,7 +49,7 @@ class GenerateTextUseCase:
         generation = await self._recovering(model_id, lambda: self._repository.generate_text(model_id, prompt, params))
         return await self._stored(key, generation)
 
-    async def stream(self, command: GenerateText) -> AsyncIterator[str | Generation]:
+    async def stream(self, command: GenerateText | CompletePrompt) -> AsyncIterator[str | Generation]:
         model_id, prompt, params = self._prepare(command)
         key = self._cache_key(model_id, prompt, params)
         if (cached := await self._lookup(key)) is not None:
@@ -80,12 +81,20 @@ class GenerateTextUseCase:
             await self._cache.put(key, item)
         return item
 
-    def _prepare(self, command: GenerateText) -> tuple[str, Prompt, GenerationParams]:
-        return (
-            self._models.resolve_model_id(command.model_id),
-            self._prompts.build(command.query, command.context),
-            self._limits.params_for(command.max_length, command.temperature, command.timeout),
+    def _prepare(self, command: GenerateText | CompletePrompt) -> tuple[str, Prompt, GenerationParams]:
+        if isinstance(command, CompletePrompt):
+            prompt = command.prompt
+        else:
+            prompt = self._prompts.build(command.query, command.context)
+        params = self._limits.params_for(
+            command.max_length,
+            command.temperature,
+            command.timeout,
+            top_p=command.top_p,
+            stop=command.stop,
+            seed=command.seed,
         )
+        return self._models.resolve_model_id(command.model_id), prompt, params
 
     async def _recovering(self, model_id: str, operation: Callable[[], Awaitable[T]]) -> T:
         async def load_then_operate() -> T:

@@ -91,9 +91,13 @@ class EngineClient(ModelRepository, SystemMonitor):
         request = {
             "model_id": model_id,
             "messages": prompt.to_list(),
+            "prompt_text": prompt.text,
             "max_new_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "timeout_s": params.timeout_s,
+            "top_p": params.top_p,
+            "stop": list(params.stop),
+            "seed": params.seed,
         }
         buffered = ""
         chunks = self._stream_chunks(request)

@@ -134,14 +134,25 @@ class GenerationEngine:
 
     @bentoml.api
     async def stream_text(
-        self, model_id: str, messages: list[dict[str, str]], max_new_tokens: int, temperature: float, timeout_s: float
+        self,
+        model_id: str,
+        messages: list[dict[str, str]],
+        max_new_tokens: int,
+        temperature: float,
+        timeout_s: float,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        prompt_text: str | None = None,
     ) -> AsyncGenerator[str, None]:
         """Newline-delimited JSON: `{"text"}` as tokens come, then `{"generation"}`, or `{"error", "error_type"}`.
+        `prompt_text`, when given, is raw text to continue instead of the chat `messages`.
 
         When the caller disconnects, BentoML closes this generator and the sequence leaves its batch."""
-        params = GenerationParams(max_new_tokens, temperature, timeout_s)
+        params = GenerationParams(max_new_tokens, temperature, timeout_s, top_p, tuple(stop or ()), seed)
+        prompt = Prompt.raw(prompt_text) if prompt_text is not None else Prompt.from_list(messages)
         try:
-            async for item in self.repository.stream_text(model_id, Prompt.from_list(messages), params):
+            async for item in self.repository.stream_text(model_id, prompt, params):
                 message = {"generation": item.to_dict()} if isinstance(item, Generation) else {"text": item}
                 yield json.dumps(message) + "\n"
         except ModelServiceError as error:

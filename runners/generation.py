@@ -1,5 +1,5 @@
 """A loaded model and what a generation on it needs: prompt encoding, the context-window check,
-the bridge from the scheduler thread to the event loop, and incremental detokenization."""
+the bridge from the scheduler thread to the event loop, and incremental detokenization with stop strings."""
 
 from __future__ import annotations
 
@@ -46,16 +46,22 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def encode_prompt(loaded: LoadedModel, prompt: Prompt) -> list[int]:
-    text = loaded.tokenizer.apply_chat_template(prompt.to_list(), tokenize=False, add_generation_prompt=True)
-    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prompt.text is not None:  # raw text is continued as it is, after the model's BOS token if it has one
+        prompt_ids = loaded.tokenizer(prompt.text)["input_ids"]
+    else:
+        text = loaded.tokenizer.apply_chat_template(prompt.to_list(), tokenize=False, add_generation_prompt=True)
+        prompt_ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise InvalidRequestError(f"prompt: must have at least one token for model {loaded.model_id!r}, got none")
+    return prompt_ids
 
 
 def check_context_window(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
     if prompt_tokens + max_new_tokens > loaded.context_length:
         raise InvalidRequestError(
-            f"query and context: the prompt is {prompt_tokens} tokens and max_length asks for {max_new_tokens} "
-            f"more, past model {loaded.model_id!r}'s context window of {loaded.context_length} tokens; "
-            f"shorten the query or the context"
+            f"prompt: the prompt (query and context, or messages) is {prompt_tokens} tokens and max_length "
+            f"(max_tokens) asks for {max_new_tokens} more, past model {loaded.model_id!r}'s context window of "
+            f"{loaded.context_length} tokens; shorten the prompt"
         )
 
 
@@ -115,15 +121,23 @@ class EventStream:
 
 
 class IncrementalDecoder:
-    """Text deltas from token ids, holding back bytes of a character that is not complete yet."""
+    """Text deltas from token ids, holding back bytes of a character that is not complete yet, and
+    text that may be the start of a stop string. The text ends before the first stop string it
+    contains (`stopped` is then set), so a stop string is never sent."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
         self._tokenizer = tokenizer
+        self._stop = stop
         self.token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
+        self._decoded = ""  # the text so far, cut before a stop string
+        self._sent = 0  # characters of it handed out
+        self.stopped = False
 
     def push(self, token_id: int) -> str:
+        if self.stopped:  # the text has ended
+            return ""
         self.token_ids.append(token_id)
         decode = self._tokenizer.decode
         before = decode(self.token_ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
@@ -131,7 +145,40 @@ class IncrementalDecoder:
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-        return after[len(before) :]
+        return self._pass(after[len(before) :])
+
+    def flush(self) -> str:
+        """What was held back as a possible stop string's start, once the generation has ended."""
+        return self._take(len(self._decoded))
 
     def text(self) -> str:
-        return self._tokenizer.decode(self.token_ids, skip_special_tokens=True).strip()
+        """The whole text as generated, whitespace kept. With stop strings, the text the deltas made,
+        ending before the stop string if one came."""
+        if self._stop:
+            return self._decoded
+        return self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+    def _pass(self, delta: str) -> str:
+        if not self._stop:
+            self._decoded += delta
+            return self._take(len(self._decoded))
+        searched_from = max(0, len(self._decoded) - max(map(len, self._stop)) + 1)
+        self._decoded += delta
+        found = [at for at in (self._decoded.find(stop, searched_from) for stop in self._stop) if at >= 0]
+        if found:
+            self._decoded, self.stopped = self._decoded[: min(found)], True
+            return self._take(len(self._decoded))
+        return self._take(len(self._decoded) - self._held_back())
+
+    def _held_back(self) -> int:
+        """The longest end of the text that a stop string starts with."""
+        longest = min(len(self._decoded), max(map(len, self._stop)) - 1)
+        for size in range(longest, 0, -1):
+            if any(stop.startswith(self._decoded[-size:]) for stop in self._stop):
+                return size
+        return 0
+
+    def _take(self, end: int) -> str:
+        delta = self._decoded[self._sent : end]
+        self._sent = max(self._sent, end)
+        return delta

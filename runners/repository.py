@@ -113,11 +113,14 @@ class TransformersModelRepository(ModelRepository):
         self._check_queue_room(loaded)  # refuse at once, before the tokenizer's thread hop
         prompt_ids = await self._off_loop(lambda: encode_prompt(loaded, prompt))
         check_context_window(loaded, len(prompt_ids), params.max_new_tokens)
-        request = SamplingRequest(prompt_ids, params.max_new_tokens, params.temperature, time.monotonic() + params.timeout_s)
+        deadline = time.monotonic() + params.timeout_s
+        request = SamplingRequest(
+            prompt_ids, params.max_new_tokens, params.temperature, deadline, top_p=params.top_p, seed=params.seed
+        )
         self._check_cache_room(loaded, request)
         self._check_queue_room(loaded)  # others may have queued while this prompt was tokenized
         events = EventStream()
-        decoder = IncrementalDecoder(loaded.tokenizer)
+        decoder = IncrementalDecoder(loaded.tokenizer, params.stop)
         with self._locks_guard:
             self._active[model_id] += 1
         sequence = loaded.scheduler.submit(request, events.sink)
@@ -128,6 +131,12 @@ class TransformersModelRepository(ModelRepository):
                     first_token_at = first_token_at or time.perf_counter()
                     if delta := decoder.push(event.token_id):
                         yield delta
+                    if decoder.stopped:  # a stop string came: the answer is complete, the sequence leaves its batch
+                        sequence.cancel()
+                        finish = FinishEvent(
+                            "stop", sequence.prompt_length, len(decoder.token_ids), sequence.cached_prompt_tokens
+                        )
+                        break
                 else:
                     finish = event
         finally:
@@ -136,6 +145,8 @@ class TransformersModelRepository(ModelRepository):
             with self._locks_guard:
                 self._active[model_id] -= 1
             loaded.last_used_at = _now()
+        if held_back := decoder.flush():  # text that could have begun a stop string, which never came
+            yield held_back
         yield self._result(loaded, params, finish, decoder, started, first_token_at)
 
     async def get_model(self, model_id: str) -> Model:

@@ -3,7 +3,8 @@
 Each step feeds the model one decode token per running sequence plus prompt chunks of waiting ones
 (at most `prefill_budget` prompt tokens a step, so a long prompt never stalls the others). A request
 joins at the next step and leaves the moment it ends: end of sequence, its own max tokens, its
-deadline, or cancellation. Greedy and sampled rows share a step; each row samples on its own.
+deadline, or cancellation. Greedy and sampled rows share a step; each row samples on its own
+(runners/sampling.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from metrics import SchedulerMetrics
 
 from .kv_cache import BLOCK_SIZE, PADDING_BLOCK, CacheFull, PagedKVCache, block_hashes
 from .paged_attention import PromptChunk, StepPlan
+from .sampling import RowSampling, choose_tokens, seeded_generator
 
 logger = logging.getLogger(__name__)
 
-GREEDY_BELOW = 1e-3
 # transformers returns a 4D mask as it is: this one is never read (attention uses the step plan).
 PREPARED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
@@ -60,6 +61,8 @@ class SamplingRequest:
     max_new_tokens: int
     temperature: float
     deadline: float  # time.monotonic()
+    top_p: float = 1.0
+    seed: int | None = None
 
 
 @dataclass(eq=False)
@@ -67,6 +70,7 @@ class Sequence:
     request: SamplingRequest
     sink: Sink
     hashes: list[int]
+    sampling: RowSampling
     cancelled: threading.Event = field(default_factory=threading.Event)
     blocks: list[int] = field(default_factory=list)
     slots: torch.Tensor | None = None  # the cache slot of every position this sequence may fill
@@ -135,7 +139,8 @@ class BatchScheduler:
         self._metrics.occupancy(0, 0)
 
     def submit(self, request: SamplingRequest, sink: Sink) -> Sequence:
-        sequence = Sequence(request, sink, block_hashes(request.prompt_ids))
+        sampling = RowSampling(request.temperature, request.top_p, seeded_generator(request.seed, self._device))
+        sequence = Sequence(request, sink, block_hashes(request.prompt_ids), sampling)
         with self._wakeup:
             stopped = self._stopped
             if not stopped:
@@ -316,7 +321,7 @@ class BatchScheduler:
                 self._remember_prompt_blocks(sequence)
         for sequence in decoders:
             sequence.computed += 1
-        self._emit(sampled, self._sample(sampled, logits))
+        self._emit(sampled, choose_tokens(logits, [s.sampling for s in sampled]))
 
     @staticmethod
     def _chunk_mask(start: int, end: int) -> torch.Tensor | None:
@@ -333,17 +338,6 @@ class BatchScheduler:
             index[row, : sequence.computed + 1] = sequence.slots[: sequence.computed + 1]
         mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
         return index.to(self._device), mask.to(self._device)
-
-    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
-        temperatures = torch.tensor([s.request.temperature for s in sequences], device=logits.device)
-        chosen = logits.argmax(dim=-1)
-        # Below this a temperature is greedy in effect; dividing by it would overflow to inf and NaN.
-        sampling = temperatures >= GREEDY_BELOW
-        if bool(sampling.any()):
-            rows = sampling.nonzero().flatten()
-            probabilities = torch.softmax(logits[rows].float() / temperatures[rows, None], dim=-1)
-            chosen[rows] = torch.multinomial(probabilities, 1).flatten()
-        return chosen.tolist()
 
     def _emit(self, sequences: list[Sequence], token_ids: list[int]) -> None:
         now = time.monotonic()

@@ -92,3 +92,16 @@ def start(
     service = launch(log_path, env, target=target, cwd=cwd)
     wait_ready(service)
     return service
+
+
+def batch_running(url: str) -> int:
+    """Sequences in the default model's batch now."""
+    return httpx.get(f"{url}/health", timeout=10).json()["loaded_models"][0]["metadata"]["batch"]["running"]
+
+
+def wait_for_empty_batch(url: str, timeout_s: float = 3.0) -> float:
+    started = time.monotonic()
+    while batch_running(url):
+        assert time.monotonic() - started < timeout_s, "the disconnected request still holds its batch slot"
+        time.sleep(0.02)
+    return time.monotonic() - started

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-from .server import launch, start
+from .server import launch, start, wait_for_empty_batch
 
 
 @pytest.fixture
@@ -89,18 +89,6 @@ def test_a_default_model_missing_from_the_store_stops_start_up_with_the_fix(tmp_
     assert service.process.wait(timeout=60) != 0
     assert "DEFAULT_MODEL_ID='never-imported' is not in the model store" in service.logs()
     assert "scripts/import_model.py" in service.logs()
-
-
-def batch_running(url: str) -> int:
-    return httpx.get(f"{url}/health", timeout=10).json()["loaded_models"][0]["metadata"]["batch"]["running"]
-
-
-def wait_for_empty_batch(url: str, timeout_s: float = 3.0) -> float:
-    started = time.monotonic()
-    while batch_running(url):
-        assert time.monotonic() - started < timeout_s, "the disconnected request still holds its batch slot"
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 def test_clients_that_disconnect_free_their_batch_slot(run_service):

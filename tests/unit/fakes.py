@@ -55,7 +55,7 @@ class FakeModelRepository(ModelRepository):
     - generating with a model that is not loaded is a ModelNotLoadedError;
     - `fail_next_generations` / `fail_next_loads` make the next calls raise the given error instead.
 
-    A generation echoes the last (user) message of the prompt as its text.
+    A generation echoes the last (user) message of the prompt, or a raw prompt's text, as its text.
     """
 
     def __init__(self, catalog: ModelCatalog, devices: tuple[str, ...] = ("cpu",)) -> None:
@@ -103,14 +103,14 @@ class FakeModelRepository(ModelRepository):
             self.catalog.get(model_id)
             raise ModelNotLoadedError.for_id(model_id)
         self.generations.append((model_id, prompt, params))
-        text = prompt.messages[-1].content
+        text = prompt.text if prompt.text is not None else prompt.messages[-1].content
         for word in text.split(" "):
             yield word
         yield Generation(
             text=text,
             model_id=model_id,
             finish_reason="stop",
-            prompt_tokens=sum(len(message.content.split()) for message in prompt.messages),
+            prompt_tokens=len(" ".join([message.content for message in prompt.messages] + [prompt.text or ""]).split()),
             completion_tokens=len(text.split()),
             generation_time_s=0.0,
             max_new_tokens=params.max_new_tokens,

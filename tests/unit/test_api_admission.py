@@ -6,6 +6,7 @@ import asyncio
 import json
 
 from api.admission import AdmissionGate, AdmissionMiddleware
+from api.errors import openai_error_response
 
 
 def scope(path: str = "/generate", method: str = "POST") -> dict:
@@ -84,3 +85,23 @@ def test_while_draining_new_generation_requests_get_503_and_the_one_in_flight_fi
     assert body["error_type"] == "shutting_down" and "shutting down" in body["error"]
     assert health == 200 and finished == 200
     assert left == 0
+
+
+def test_the_openai_routes_share_the_count_and_are_refused_in_openai_shape():
+    async def scenario():
+        release = asyncio.Event()
+        gate = AdmissionGate(limit=1)
+        generate = AdmissionMiddleware(slow_app(release), paths={"/generate"}, gate=gate)
+        # As service.py stacks them: one middleware per error shape, one count.
+        app = AdmissionMiddleware(generate, paths={"/v1/chat/completions"}, gate=gate, respond=openai_error_response)
+        in_flight = asyncio.create_task(call(app, scope("/generate")))
+        await asyncio.sleep(0)
+        refused = await call(app, scope("/v1/chat/completions"))
+        release.set()
+        return refused, await in_flight, gate.in_flight
+
+    (status, headers, body), (finished, _, _), left = asyncio.run(scenario())
+    assert status == 429 and headers["retry-after"] == "1"
+    error = body["error"]
+    assert error["code"] == "overloaded" and error["type"] == "rate_limit_error" and "limit of 1" in error["message"]
+    assert finished == 200 and left == 0

@@ -231,3 +231,33 @@ def test_a_request_timeout_lowers_the_deadline_but_never_raises_it():
     assert limits.params_for(None, None).timeout_s == 30
     with pytest.raises(InvalidRequestError, match="timeout: must be more than 0 seconds, got 0"):
         limits.params_for(None, None, 0)
+
+
+def test_a_raw_prompt_has_text_and_no_messages():
+    assert Prompt.raw("Once upon a time") == Prompt((), "Once upon a time")
+    assert Prompt.from_list([{"role": "user", "content": "hi"}]).text is None
+
+
+def test_limits_pass_top_p_stop_and_seed_through_with_neutral_defaults():
+    limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
+    params = limits.params_for(None, 0.8, top_p=0.5, stop=("\n", "END"), seed=-7)
+    assert (params.top_p, params.stop, params.seed) == (0.5, ("\n", "END"), -7)
+    default = limits.params_for(None, None)
+    assert (default.top_p, default.stop, default.seed) == (1.0, (), None)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"top_p": 1.5}, "top_p: must be between 0 and 1, got 1.5"),
+        ({"stop": ("a", "b", "c", "d", "e")}, "stop: at most 4 stop strings, got 5"),
+        ({"stop": ("",)}, "stop: each stop string must be 1 to 256 characters, got ''"),
+        ({"stop": ("x" * 257,)}, "stop: each stop string must be 1 to 256 characters"),
+        ({"seed": 2**63}, f"seed: must be a signed 64-bit integer, got {2**63}"),
+    ],
+)
+def test_limits_refuse_sampling_options_out_of_bounds(options, fragment):
+    limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
+    with pytest.raises(InvalidRequestError) as raised:
+        limits.params_for(None, None, **options)
+    assert fragment in raised.value.message

@@ -8,6 +8,7 @@ import pytest
 
 from domain import (
     ChatMessage,
+    CompletePrompt,
     GenerateText,
     GenerateTextUseCase,
     GenerationError,
@@ -16,6 +17,7 @@ from domain import (
     ModelNotFoundError,
     ModelNotLoadedError,
     ModelService,
+    Prompt,
     PromptBuilder,
 )
 from tests.unit.fakes import (
@@ -273,3 +275,35 @@ def test_other_errors_reach_the_caller_without_recovery(
 
     assert monitor.optimizations == 0
     assert repository.generations == []
+
+
+class TestCompletePrompt:
+    def test_the_callers_prompt_reaches_the_model_as_it_is(
+        self, generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        load(service, TEST_MODEL_ID)
+        messages = Prompt((ChatMessage("user", "hi"), ChatMessage("assistant", "hello"), ChatMessage("user", "bye")))
+
+        generation = asyncio.run(generate_text(CompletePrompt(messages, model_id=TEST_MODEL_ID)))
+
+        assert last_prompt(repository) == messages  # no system prompt added
+        assert generation.text == "bye" and generation.model_id == TEST_MODEL_ID
+
+    def test_a_raw_prompt_reaches_the_model_with_its_options(
+        self, generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        load(service)
+        command = CompletePrompt(Prompt.raw("Once upon"), max_length=4, top_p=0.3, stop=("\n",), seed=11)
+
+        asyncio.run(generate_text(command))
+
+        model_id, prompt, params = repository.generations[-1]
+        assert model_id == DEFAULT_MODEL_ID and prompt == Prompt.raw("Once upon")
+        assert (params.max_new_tokens, params.top_p, params.stop, params.seed) == (4, 0.3, ("\n",), 11)
+
+    def test_an_unloaded_model_is_loaded_as_for_generate_text(
+        self, generate_text: GenerateTextUseCase, repository: FakeModelRepository
+    ) -> None:
+        asyncio.run(generate_text(CompletePrompt(Prompt.raw("x"), model_id=TEST_MODEL_ID)))
+
+        assert repository.is_loaded(TEST_MODEL_ID)

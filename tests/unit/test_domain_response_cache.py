@@ -226,6 +226,17 @@ class TestGenerateTextWithTheResponseCache:
         assert not any(answer.cached for answer in answers)
         assert len(cache) == 0
 
+    def test_a_sampled_request_with_a_seed_is_cached_under_its_seed(
+        self, cached_generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        load(service)
+        seeded = [GenerateText("Tell me a story.", temperature=0.7, seed=seed) for seed in (7, 7, 8)]
+
+        answers = [run(cached_generate_text(command)) for command in seeded]
+
+        assert [answer.cached for answer in answers] == [False, True, False]
+        assert len(repository.generations) == 2
+
     def test_the_default_temperature_counts_when_it_is_greedy(
         self, service: ModelService, repository: FakeModelRepository, cache: LruResponseCache
     ) -> None:

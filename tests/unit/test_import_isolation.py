@@ -43,7 +43,9 @@ def test_the_blocker_really_blocks() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("module", ["domain", "api.errors", "api.schemas", "api.validation", "settings", "metrics"])
+@pytest.mark.parametrize(
+    "module", ["domain", "api.errors", "api.schemas", "api.validation", "api.openai", "api.openai_schemas", "settings", "metrics"]
+)
 def test_imports_without_torch_transformers_or_bentoml(module: str) -> None:
     result = run_without_heavy_modules(f"import {module}")
 

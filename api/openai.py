@@ -1,0 +1,228 @@
+"""The OpenAI-compatible API, mounted at /v1: GET /models, POST /chat/completions, POST /completions.
+
+The handlers run the same use case as /generate (GenerateTextUseCase), so these requests share the
+engine's batches, limits and errors; only the shapes differ. service.py counts the generation routes
+against the admission cap, and a client that leaves stops its generation, streamed or not.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from domain import CompletePrompt, Generation, GenerateTextUseCase, ModelService
+from domain.services import SERVICE_NAME
+
+from .errors import error_body, openai_error_body, openai_error_response
+from .openai_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from .streaming import Item, cancel_on_disconnect, event_stream
+from .validation import InvalidBody, describe_problems, field_name, parse_json_object, read_body, replay, with_json_body
+
+GENERATION_PATHS = ("/chat/completions", "/completions")
+T = TypeVar("T")
+
+
+class Backend(Protocol):
+    """What the routes need of the service: AIModelService in production, fakes in unit tests."""
+
+    generate_text: GenerateTextUseCase
+    models: ModelService
+
+
+def _failure(body: dict[str, str]) -> tuple[str, str, str | None]:
+    """The message, error type and OpenAI `param` of a failure's error body."""
+    return body["error"], body["error_type"], "model" if body["error_type"] == "model_not_found" else None
+
+
+async def _or_error(operation: Awaitable[T]) -> T | JSONResponse:
+    try:
+        return await operation
+    except Exception as error:  # noqa: BLE001: every failure becomes an error body, never a bare 500
+        return openai_error_response(*_failure(error_body(error)))
+
+
+@dataclass
+class AnswerFormat(abc.ABC):
+    """One answer's id, creation time and model, and its whole response and stream chunks in OpenAI's shapes."""
+
+    model: str
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = field(init=False)
+    id_prefix: ClassVar[str]
+    chunk_object: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    @abc.abstractmethod
+    def whole(self, generation: Generation) -> ChatCompletion | Completion: ...
+
+    @abc.abstractmethod
+    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        """The one choice of a chunk: a piece of text, or (text None) the finish reason."""
+
+    def chunks(self, item: Item) -> list[dict[str, Any]]:
+        if not isinstance(item, Generation):
+            return [self._chunk([self._choice(item, None)])]
+        last = [self._chunk([self._choice(None, item.finish_reason)])]
+        if self.include_usage:  # OpenAI's usage chunk: no choices
+            last.append(self._chunk([], Usage.of(item).model_dump()))
+        return last
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        chunk = {
+            "id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model, "choices": choices
+        }
+        if self.include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+
+@dataclass
+class ChatFormat(AnswerFormat):
+    id_prefix: ClassVar[str] = "chatcmpl"
+    chunk_object: ClassVar[str] = "chat.completion.chunk"
+    _opened: bool = field(default=False, init=False)
+
+    def whole(self, generation: Generation) -> ChatCompletion:
+        choice = ChatChoice(message=AssistantMessage(content=generation.text), finish_reason=generation.finish_reason)
+        return ChatCompletion(
+            id=self.id, created=self.created, model=generation.model_id, choices=[choice], usage=Usage.of(generation)
+        )
+
+    def chunks(self, item: Item) -> list[dict[str, Any]]:
+        if self._opened:
+            return super().chunks(item)
+        self._opened = True  # OpenAI's first chunk names the role
+        opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return [self._chunk([opening]), *super().chunks(item)]
+
+    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        delta = {} if text is None else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+@dataclass
+class TextFormat(AnswerFormat):
+    id_prefix: ClassVar[str] = "cmpl"
+    chunk_object: ClassVar[str] = "text_completion"
+
+    def whole(self, generation: Generation) -> Completion:
+        choice = CompletionChoice(text=generation.text, finish_reason=generation.finish_reason)
+        return Completion(
+            id=self.id, created=self.created, model=generation.model_id, choices=[choice], usage=Usage.of(generation)
+        )
+
+    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+
+async def _answer(request: Request, service: Backend, command: CompletePrompt, stream: bool, form: AnswerFormat) -> Any:
+    """The whole answer, or a stream of chunks ending with `data: [DONE]`; a failure before the first
+    piece of text answers with its status, one after it ends the stream with an error event."""
+    if not stream:
+        generation = await _or_error(cancel_on_disconnect(request, service.generate_text(command)))
+        return generation if isinstance(generation, Response) else form.whole(generation)
+    items = aiter(service.generate_text.stream(command))
+    # Until the first piece the response has not started, so a client leaving is watched here;
+    # after it, the streaming response stops when the client leaves.
+    first = await _or_error(cancel_on_disconnect(request, anext(items)))
+    if isinstance(first, Response):
+        return first
+    events = event_stream(first, items, form.chunks, lambda body: openai_error_body(*_failure(body)), last="[DONE]")
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+class JsonBodyMiddleware:
+    """Reads a POST body of at most `max_body_bytes` as a JSON object, whatever its content type (as
+    the service's other routes do), and hands it on as JSON for FastAPI to validate. A body too large
+    or not a JSON object is answered here, in OpenAI's error shape."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            data = parse_json_object(await read_body(receive, self.max_body_bytes))
+        except InvalidBody as error:
+            await openai_error_response(error.message, error.error_type)(scope, receive, send)
+            return
+        body = json.dumps(data).encode()
+        await self.app(with_json_body(scope, body), replay(body, receive), send)
+
+
+async def _invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+    problems = [{**item, "loc": tuple(item["loc"])[1:]} for item in error.errors()]  # every loc starts with "body"
+    param = field_name(problems[0]["loc"]) if problems else "body"
+    return openai_error_response(describe_problems(problems), "validation_error", None if param == "body" else param)
+
+
+async def _no_such_route(request: Request, error: HTTPException) -> JSONResponse:
+    message = (
+        f"{error.detail}: {request.method} {request.url.path}; this API has GET /v1/models, "
+        f"POST /v1/chat/completions and POST /v1/completions"
+    )
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+
+def build_openai_app(backend: Callable[[], Backend], max_body_bytes: int) -> FastAPI:
+    """`backend` gives the service instance that handles a request (bentoml.get_current_service)."""
+    app = FastAPI(title="OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(JsonBodyMiddleware, max_body_bytes=max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _no_such_route)
+    current = Depends(backend)
+
+    @app.get("/models", response_model=ModelList)
+    async def list_models(service: Backend = current) -> Any:
+        models = await _or_error(service.models.list_models())
+        if isinstance(models, Response):
+            return models
+        return ModelList(data=[ModelCard.of(model, SERVICE_NAME) for model in models])
+
+    @app.get("/models/{model_id}", response_model=ModelCard)
+    async def get_model(model_id: str, service: Backend = current) -> Any:
+        model = await _or_error(service.models.get_model(model_id))
+        return model if isinstance(model, Response) else ModelCard.of(model, SERVICE_NAME)
+
+    @app.post("/chat/completions", response_model=ChatCompletion)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, service: Backend = current) -> Any:
+        """Chat messages through the model's chat template; `stream` for server-sent chunks."""
+        form = ChatFormat(body.model, body.include_usage)
+        return await _answer(request, service, body.to_command(), body.stream, form)
+
+    @app.post("/completions", response_model=Completion)
+    async def completions(body: CompletionRequest, request: Request, service: Backend = current) -> Any:
+        """Raw text that the model continues, without the chat template; `stream` for server-sent chunks."""
+        form = TextFormat(body.model, body.include_usage)
+        return await _answer(request, service, body.to_command(), body.stream, form)
+
+    return app

@@ -1,0 +1,258 @@
+"""The OpenAI-compatible app (api/openai.py) over the real domain services and fake ports: request
+mapping, response and chunk shapes, SSE framing, and errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
+import pytest
+from starlette.testclient import TestClient
+
+from api.openai import build_openai_app
+from domain import (
+    ChatMessage,
+    Generation,
+    GenerationParams,
+    GenerationTimeoutError,
+    GenerateTextUseCase,
+    ModelService,
+    OverloadedError,
+    Prompt,
+    PromptBuilder,
+)
+from tests.unit.fakes import LIMITS, SYSTEM_PROMPT, TEST_MODEL_ID, FakeModelRepository
+
+MAX_BODY_BYTES = 4096
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+class BreaksMidStream(FakeModelRepository):
+    """Sends its first word, then times out."""
+
+    async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
+        yield "hello"
+        raise GenerationTimeoutError("generation passed MAX_GENERATION_TIME=30s and was stopped")
+
+
+def client_for(repository: FakeModelRepository, service: ModelService) -> TestClient:
+    generate_text = GenerateTextUseCase(service, repository, PromptBuilder(SYSTEM_PROMPT), LIMITS, auto_load=True)
+    backend = SimpleNamespace(generate_text=generate_text, models=service)
+    return TestClient(build_openai_app(lambda: backend, MAX_BODY_BYTES))
+
+
+@pytest.fixture
+def client(repository, service) -> TestClient:
+    return client_for(repository, service)
+
+
+def chat(client: TestClient, **body) -> dict:
+    response = client.post("/chat/completions", json={"model": TEST_MODEL_ID, "messages": HELLO, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def error_of(response, status: int, code: str) -> dict:
+    """Asserts OpenAI's error shape; returns the error object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == code
+    return body["error"]
+
+
+def sse_events(response) -> list[str]:
+    """The raw `data:` payloads, checking that every event is framed `data: ...\\n\\n`."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    frames = response.text.split("\n\n")
+    assert frames[-1] == ""
+    assert all(frame.startswith("data: ") and "\n" not in frame for frame in frames[:-1]), frames
+    return [frame[len("data: ") :] for frame in frames[:-1]]
+
+
+class TestChatCompletions:
+    def test_answers_a_chat_completion_with_usage(self, client, repository) -> None:
+        body = chat(client)
+
+        assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+        assert body["model"] == TEST_MODEL_ID and isinstance(body["created"], int)
+        assert body["choices"] == [
+            {"index": 0, "message": {"role": "assistant", "content": "hello there"}, "logprobs": None, "finish_reason": "stop"}
+        ]
+        assert body["usage"] == {
+            "prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}
+        }
+
+    def test_the_messages_reach_the_model_as_given_with_developer_as_system(self, client, repository) -> None:
+        messages = [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+            {"role": "assistant", "content": "ok", "name": "bot"},
+            {"role": "user", "content": "three"},
+        ]
+        chat(client, messages=messages)
+
+        (model_id, prompt, _), = repository.generations
+        assert model_id == TEST_MODEL_ID
+        assert prompt == Prompt(
+            (ChatMessage("system", "be brief"), ChatMessage("user", "one\ntwo"), ChatMessage("assistant", "ok"), ChatMessage("user", "three"))
+        )  # the service's own system prompt is not added
+
+    def test_sampling_parameters_reach_the_engine_and_max_tokens_is_capped(self, client, repository) -> None:
+        chat(client, max_tokens=500, temperature=0.7, top_p=0.9, stop="\n", seed=-5, n=1, user="u-1", frequency_penalty=0)
+        chat(client, max_completion_tokens=3, stop=["a", "b"])
+
+        first, second = (params for _, _, params in repository.generations)
+        assert first == GenerationParams(
+            max_new_tokens=LIMITS.max_new_tokens, temperature=0.7, timeout_s=LIMITS.max_generation_time_s,
+            top_p=0.9, stop=("\n",), seed=-5,
+        )
+        assert second.max_new_tokens == 3 and second.stop == ("a", "b")
+        assert second.temperature == LIMITS.default_temperature and second.top_p == 1.0 and second.seed is None
+
+    def test_streams_chunks_then_done(self, client) -> None:
+        request = {"model": TEST_MODEL_ID, "messages": HELLO, "stream": True}
+        events = sse_events(client.post("/chat/completions", json=request))
+
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+        assert len({chunk["id"] for chunk in chunks}) == 1 and all("usage" not in chunk for chunk in chunks)
+        deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        assert "".join(delta["content"] for delta in deltas[1:-1]) == "hellothere"  # the fake sends words
+        assert deltas[-1] == {} and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        assert all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks[:-1])
+
+    def test_include_usage_adds_a_last_chunk_with_usage_and_no_choices(self, client) -> None:
+        request = {"model": TEST_MODEL_ID, "messages": HELLO, "stream": True, "stream_options": {"include_usage": True}}
+        *chunks, done = sse_events(client.post("/chat/completions", json=request))
+
+        chunks = [json.loads(chunk) for chunk in chunks]
+        assert done == "[DONE]"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 4
+        assert all(chunk["usage"] is None for chunk in chunks[:-1])
+
+
+class TestCompletions:
+    def test_a_prompt_is_raw_text_for_the_model_to_continue(self, client, repository) -> None:
+        response = client.post("/completions", json={"model": TEST_MODEL_ID, "prompt": ["Once upon"], "max_tokens": 4})
+
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+        assert body["choices"] == [{"index": 0, "text": "Once upon", "logprobs": None, "finish_reason": "stop"}]
+        (_, prompt, params), = repository.generations
+        assert prompt == Prompt.raw("Once upon") and params.max_new_tokens == 4
+
+    def test_streams_text_chunks_then_done(self, client) -> None:
+        events = sse_events(client.post("/completions", json={"model": TEST_MODEL_ID, "prompt": "a b c", "stream": True}))
+
+        chunks = [json.loads(event) for event in events[:-1]]
+        assert events[-1] == "[DONE]"
+        assert [chunk["choices"][0]["text"] for chunk in chunks] == ["a", "b", "c", ""]
+        assert [chunk["choices"][0]["finish_reason"] for chunk in chunks] == [None, None, None, "stop"]
+        assert {chunk["object"] for chunk in chunks} == {"text_completion"}
+
+
+class TestModels:
+    def test_lists_every_model_in_the_store(self, client) -> None:
+        body = client.get("/models").json()
+
+        assert body["object"] == "list"
+        assert {card["id"] for card in body["data"]} == {"default-model", TEST_MODEL_ID}
+        assert all(card["object"] == "model" and card["owned_by"] == "ai-model" for card in body["data"])
+
+    def test_gets_one_model_or_404(self, client) -> None:
+        assert client.get(f"/models/{TEST_MODEL_ID}").json()["id"] == TEST_MODEL_ID
+        error = error_of(client.get("/models/no-such-model"), 404, "model_not_found")
+        assert "no-such-model" in error["message"]
+
+
+class TestErrors:
+    def test_an_unknown_model_is_404_naming_the_model_and_what_exists(self, client) -> None:
+        response = client.post("/chat/completions", json={"model": "no-such-model", "messages": HELLO})
+
+        error = error_of(response, 404, "model_not_found")
+        assert error["param"] == "model" and error["type"] == "invalid_request_error"
+        assert "'no-such-model'" in error["message"] and TEST_MODEL_ID in error["message"]
+
+    @pytest.mark.parametrize(
+        "change, param, fragments",
+        [
+            ({"n": 2}, "n", ["only 1 is supported", "got 2"]),
+            ({"max_tokens": 5000}, "max_tokens", ["less than or equal to 2048", "got 5000"]),
+            ({"temperature": 2.5}, "temperature", ["less than or equal to 2", "got 2.5"]),
+            ({"top_p": 1.5}, "top_p", ["less than or equal to 1", "got 1.5"]),
+            ({"stop": ["a", "b", "c", "d", "e"]}, "stop", ["at most 4 items", "not 5"]),
+            ({"stop": [""]}, "stop.0", ["at least 1 character"]),
+            ({"seed": 2**64}, "seed", ["got 18446744073709551616"]),
+            ({"presence_penalty": 1}, "presence_penalty", ["only 0 is supported", "got 1"]),
+            ({"logprobs": True}, "logprobs", ["only false is supported"]),
+            ({"stream_options": {"include_usage": True}}, "stream_options", ["only allowed when stream is true"]),
+            ({"tools": []}, "tools", ["unknown field"]),
+            ({"messages": []}, "messages", ["at least 1 item"]),
+            ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", ["got 'tool'"]),
+            ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content", ["only text content parts"]),
+            ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", ["not both", "got 4", "max_tokens 3"]),
+        ],
+    )
+    def test_invalid_chat_bodies_answer_422_naming_the_field_limit_and_value(self, client, change, param, fragments) -> None:
+        response = client.post("/chat/completions", json={"model": TEST_MODEL_ID, "messages": HELLO, **change})
+
+        error = error_of(response, 422, "validation_error")
+        assert error["param"] == param and error["type"] == "invalid_request_error"
+        assert error["message"].startswith(f"{param}: ")
+        assert all(fragment in error["message"] for fragment in fragments), error["message"]
+
+    @pytest.mark.parametrize(
+        "prompt, fragment",
+        [(["a", "b"], "a list of one string"), ([1, 2], "a list of one string"), ("", "at least 1 character"), ("a\x00", "NUL")],
+    )
+    def test_invalid_prompts_answer_422(self, client, prompt, fragment) -> None:
+        error = error_of(client.post("/completions", json={"model": TEST_MODEL_ID, "prompt": prompt}), 422, "validation_error")
+        assert error["param"] == "prompt" and fragment in error["message"]
+
+    def test_missing_fields_are_named(self, client) -> None:
+        error = error_of(client.post("/chat/completions", json={}), 422, "validation_error")
+        assert error["message"] == "model: required field is missing; messages: required field is missing"
+
+    def test_malformed_and_oversized_bodies_answer_in_openai_shape(self, client) -> None:
+        malformed = error_of(client.post("/chat/completions", content=b'{"model": '), 422, "validation_error")
+        listed = error_of(client.post("/completions", content=b"[1]"), 422, "validation_error")
+        oversized = error_of(client.post("/completions", content=b" " * (MAX_BODY_BYTES + 1)), 413, "payload_too_large")
+
+        assert malformed["message"].startswith("body: must be JSON") and malformed["param"] is None
+        assert listed["message"] == "body: must be a JSON object, got list"
+        assert str(MAX_BODY_BYTES) in oversized["message"]
+
+    def test_any_content_type_is_read_as_json(self, client) -> None:
+        body = json.dumps({"model": TEST_MODEL_ID, "prompt": "hi"})
+        response = client.post("/completions", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == "hi"
+
+    def test_a_wrong_method_answers_405_in_openai_shape(self, client) -> None:
+        response = client.get("/chat/completions")
+
+        assert response.status_code == 405
+        assert "GET /chat/completions" in response.json()["error"]["message"]
+
+    def test_an_error_before_the_first_piece_keeps_its_status_when_streaming(self, client, repository) -> None:
+        repository.fail_next_generations(OverloadedError)
+        response = client.post("/chat/completions", json={"model": TEST_MODEL_ID, "messages": HELLO, "stream": True})
+
+        error = error_of(response, 429, "overloaded")
+        assert error["type"] == "rate_limit_error" and response.headers["retry-after"] == "1"
+
+    def test_an_error_mid_stream_is_a_last_error_event_then_done(self, catalog, monitor) -> None:
+        repository = BreaksMidStream(catalog)
+        client = client_for(repository, ModelService(repository, monitor, TEST_MODEL_ID))
+        request = {"model": TEST_MODEL_ID, "prompt": "x", "stream": True}
+        *chunks, error, done = sse_events(client.post("/completions", json=request))
+
+        assert [json.loads(chunk)["choices"][0]["text"] for chunk in chunks] == ["hello"]
+        assert json.loads(error)["error"]["code"] == "generation_timeout"
+        assert json.loads(error)["error"]["type"] == "server_error"
+        assert done == "[DONE]"

@@ -56,6 +56,18 @@ def error_responses(error_types: Iterable[str]) -> dict[str, dict[str, Any]]:
     }
 
 
+def whole_request_schemas(spec: dict[str, Any]) -> None:
+    """BentoML inlines each API's request schema flattened, and flattening drops `null` from an
+    optional field's `anyOf`; the same schema among the components is whole, so point there."""
+    schemas = spec.get("components", {}).get("schemas", {})
+    for path_item in spec["paths"].values():
+        for operation in path_item.values():
+            media = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            title = media.get("schema", {}).get("title") if media else None
+            if title in schemas:
+                media["schema"] = {"$ref": f"#/components/schemas/{title}"}
+
+
 def document_errors(
     spec: dict[str, Any], errors_by_route: dict[str, Iterable[str]], event_stream_routes: Iterable[str] = ()
 ) -> dict[str, Any]:
@@ -64,6 +76,7 @@ def document_errors(
     # The schemas are pydantic's JSON Schema 2020-12 (`anyOf: [X, {type: null}]` for an optional field),
     # which is OpenAPI 3.1's dialect; BentoML labels the document 3.0.2, whose readers misread them.
     spec["openapi"] = OPENAPI_VERSION
+    whole_request_schemas(spec)
     spec.setdefault("components", {}).setdefault("schemas", {})[ERROR_SCHEMA_NAME] = ERROR_SCHEMA
     for route, error_types in errors_by_route.items():
         for operation in spec["paths"][route].values():

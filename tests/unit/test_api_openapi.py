@@ -8,17 +8,25 @@ import json
 from api.openapi import ERROR_SCHEMA_NAME, DocumentedErrorsMiddleware, document_errors
 
 
+OPTIONAL_ID = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+
+
 def bentoml_spec() -> dict:
     bentoml_errors = {status: {"description": "BentoML's"} for status in (400, 404, 500)}
     return {
         "openapi": "3.0.2",
         "paths": {
-            "/generate": {"post": {"responses": {200: {"description": "ok"}, **bentoml_errors}}},
+            "/generate": {
+                "post": {
+                    "requestBody": {"content": {"application/json": {"schema": {"title": "GenerateRequest", "type": "object"}}}},
+                    "responses": {200: {"description": "ok"}, **bentoml_errors},
+                }
+            },
             "/generate/stream": {"post": {"responses": {200: {"content": {"text/plain": {}}}, **bentoml_errors}}},
             "/health": {"get": {"responses": {"200": {"description": "ok"}}}},
             "/generate-task/status": {"get": {"responses": {200: {"description": "ok"}, **bentoml_errors}}},
         },
-        "components": {"schemas": {}},
+        "components": {"schemas": {"GenerateRequest": {"type": "object", "properties": {"model_id": OPTIONAL_ID}}}},
     }
 
 
@@ -60,3 +68,10 @@ def test_the_middleware_answers_docs_json_and_passes_everything_else_on():
     assert passed_on == ["/health"]
     assert sent[0]["status"] == 200
     assert sorted(json.loads(sent[1]["body"])["paths"]["/health"]["get"]["responses"]) == ["200", "500"]
+
+
+def test_a_request_body_points_at_its_whole_schema_where_bentoml_inlined_a_flattened_one():
+    spec = document_errors(bentoml_spec(), errors_by_route={})
+    body = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/GenerateRequest"}
+    assert spec["components"]["schemas"]["GenerateRequest"]["properties"]["model_id"] == OPTIONAL_ID  # null stays allowed

@@ -160,10 +160,15 @@ def system_info(max_workers: int, max_processes: int, cpu_threads: int) -> dict[
     }
 
 
-def estimate_footprint(metadata: dict[str, Any], bytes_per_parameter: int, files_size: int) -> int:
+def weights_at_load(metadata: dict[str, Any], bytes_per_parameter: int, files_size: int) -> int:
     parameters = metadata.get("parameters")
-    weights = parameters * bytes_per_parameter if parameters else files_size
-    return int(weights * LOAD_OVERHEAD)
+    return parameters * bytes_per_parameter if parameters else files_size
+
+
+def estimate_footprint(load_bytes: int, resident_bytes: int, kv_cache_bytes: int) -> int:
+    """The most a load holds at once. The weights are read whole first; a quantized model then
+    shrinks to `resident_bytes` before its KV cache is allocated, so its peak can be the read."""
+    return max(int(load_bytes * LOAD_OVERHEAD), int(resident_bytes * LOAD_OVERHEAD) + kv_cache_bytes)
 
 
 def check_room_for(model_id: str, footprint: int, device: str, limits: MemoryLimits) -> None:

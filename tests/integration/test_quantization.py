@@ -7,13 +7,14 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import torch
 
 from domain import GenerationParams, PromptBuilder
 from runners import quantization
 from runners.fast_linear import SmallBatchLinear
-from runners.memory import LOAD_OVERHEAD, estimate_footprint, weights_at_load
+from runners.memory import LOAD_OVERHEAD, estimate_footprint, release_freed_memory, weights_at_load
 from runners.quantization import Int8Linear, effective_quantization, quantize_linear_layers, resident_weights_bytes
 from runners.repository import BatchingOptions, TransformersModelRepository
 
@@ -33,14 +34,22 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+def rss() -> int:
+    release_freed_memory()
+    return psutil.Process().memory_info().rss
+
+
 @pytest.fixture(scope="module")
 def int8_engine():
     with ThreadPoolExecutor(4) as executor:
-        batching = BatchingOptions(max_batch_size=32)
+        batching = BatchingOptions(max_batch_size=32, kv_cache_bytes=64 * 2**20)
         repository = TransformersModelRepository(
             DirectoryCatalog({}), executor, ROOMY, batching=batching, quantization_setting="int8"
         )
+        before = rss()
         run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+        run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY))  # every weight page is touched
+        repository.rss_growth = rss() - before
         yield repository
         run(repository.unload_model(BUNDLED_MODEL_ID))
 
@@ -101,6 +110,16 @@ def test_the_model_reports_its_quantization_and_its_smaller_weights(int8_engine)
     assert metadata["quantization"] == "int8"
     assert metadata["loaded_dtype"] == "float32"  # the embeddings and the activations
     assert 0.3 * float32_mb < metadata["memory_mb"] < 0.5 * float32_mb
+
+
+def test_the_process_keeps_the_int8_weights_and_lets_the_float32_ones_go(int8_engine):
+    """transformers reads the float32 weights from a mapping of the file; quantizing touches every
+    page of it, and they would stay in RSS while any tensor still read from the mapping."""
+    loaded = int8_engine.loaded(BUNDLED_MODEL_ID)
+    float32_bytes = run(int8_engine.get_model(BUNDLED_MODEL_ID)).metadata["parameters"] * 4
+    growth = int8_engine.rss_growth - loaded.cache.size_bytes
+    print(f"RSS grew {growth / 2**20:.0f} MiB beside the KV cache for {loaded.memory_bytes / 2**20:.0f} MiB of weights")
+    assert growth < 0.75 * float32_bytes
 
 
 def test_the_memory_guard_estimates_the_int8_weights_and_the_float32_read(int8_engine):

@@ -266,9 +266,10 @@ class TransformersModelRepository(ModelRepository):
         dtype = dtype_for(device, self._dtype_setting)
         scheme = quantization.effective_quantization(self._quantization_setting, device)
         files_size = sum(p.stat().st_size for p in Path(entry.path).glob("*") if p.is_file())
-        load_bytes = weights_at_load(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
-        resident_bytes = quantization.resident_weights_bytes(scheme, entry.path, entry.metadata, load_bytes)
-        footprint = estimate_footprint(load_bytes, resident_bytes, self._batching.kv_cache_bytes)
+        read_bytes = weights_at_load(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
+        kept_bytes = quantization.resident_weights_bytes(scheme, entry.path, entry.metadata, read_bytes)
+        transient_bytes = read_bytes if scheme == quantization.INT8 else 0  # the read, beside its int8 copy
+        footprint = estimate_footprint(kept_bytes, self._batching.kv_cache_bytes, transient_bytes)
         check_room_for(entry.model_id, footprint, device, self._memory_limits)
         logger.info("loading %s on %s as %s, quantization %s", entry.model_id, device, dtype, scheme)
         started = time.perf_counter()

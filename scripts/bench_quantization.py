@@ -111,8 +111,9 @@ def main() -> None:
     limits = MemoryLimits(max_usage_fraction=0.95, min_free_gb=0.5, gpu_memory_fraction=0.8)
     batching = BatchingOptions(max_batch_size=32, kv_cache_bytes=64 * 2**20)
     executor = ThreadPoolExecutor(4)
+    catalog = BentoModelStoreCatalog()
     repositories = {
-        mode: TransformersModelRepository(BentoModelStoreCatalog(), executor, limits, batching=batching, quantization_setting=mode)
+        mode: TransformersModelRepository(catalog, executor, limits, batching=batching, quantization_setting=mode)
         for mode in MODES
     }
 
@@ -130,10 +131,10 @@ def main() -> None:
             load_and_answer(mode)
         release_freed_memory()
         weights_mb = repositories[mode].loaded(model_id).memory_bytes / 2**20
-        memory[mode] = (weights_mb, rss_mb() - before, load.peak_mb - before)
+        growth_mb, peak_mb = rss_mb() - before, load.peak_mb - before
+        memory[mode] = (weights_mb, growth_mb, peak_mb)
         asyncio.run(repositories[mode].unload_model(model_id))
-        print(f"{mode}: weights {weights_mb:.0f} MB, RSS +{memory[mode][1]:.0f} MB, +{memory[mode][2]:.0f} MB at the load's peak",
-              file=sys.stderr, flush=True)
+        print(f"{mode}: weights {weights_mb:.0f} MB, RSS +{growth_mb:.0f} MB, peak +{peak_mb:.0f} MB", file=sys.stderr)
 
     for mode in MODES:
         load_and_answer(mode)
@@ -142,8 +143,8 @@ def main() -> None:
         for mode in MODES if round_index % 2 == 0 else reversed(MODES):
             repository, measured = repositories[mode], samples[mode]
             measured["latency"].append(asyncio.run(verdict_latency_s(repository, model_id, verdicts, verdict_params)))
-            measured["decode1"].append(asyncio.run(decode_tokens_per_s(repository, model_id, stories[:1], decode_params)))
-            measured["decode8"].append(asyncio.run(decode_tokens_per_s(repository, model_id, stories, decode_params)))
+            for key, prompts in (("decode1", stories[:1]), ("decode8", stories)):
+                measured[key].append(asyncio.run(decode_tokens_per_s(repository, model_id, prompts, decode_params)))
             print(f"round {round_index + 1} {mode}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in measured.items()),
                   file=sys.stderr, flush=True)
     for mode in MODES:
@@ -155,11 +156,13 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for mode in MODES:
         (weights, growth, peak), m = memory[mode], median[mode]
-        print(f"| {mode} | {weights:.0f} | {growth:.0f} | {peak:.0f} | {m['latency']:.3f} | {m['decode1']:.1f} | {m['decode8']:.1f} |")
+        speed = f"{m['latency']:.3f} | {m['decode1']:.1f} | {m['decode8']:.1f}"
+        print(f"| {mode} | {weights:.0f} | {growth:.0f} | {peak:.0f} | {speed} |")
     ratios = [memory["int8"][i] / memory["none"][i] for i in range(3)]
     ratios += [median["int8"][key] / median["none"][key] for key in ("latency", "decode1", "decode8")]
     print("| int8/none | " + " | ".join(f"{ratio:.2f}x" for ratio in ratios) + " |")
-    print(f"\n{args.rounds} interleaved rounds, medians; {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    threads = torch.get_num_threads()
+    print(f"\n{args.rounds} interleaved rounds, medians; {threads} torch threads, torch {torch.__version__}")
     executor.shutdown()
 
 

@@ -35,7 +35,8 @@ def run_service(tmp_path):
 
 
 def test_bad_configuration_stops_start_up_naming_the_variable(tmp_path):
-    service = launch(tmp_path / "bad.log", {"CPU_THREADS": "many", "GPU_MEMORY_FRACTION": "1.5", "QUANTIZATION": "int4"})
+    bad = {"CPU_THREADS": "many", "GPU_MEMORY_FRACTION": "1.5", "QUANTIZATION": "int4"}
+    service = launch(tmp_path / "bad.log", bad)
     assert service.process.wait(timeout=60) != 0
     logs = service.logs()
     assert "CPU_THREADS='many'" in logs and "GPU_MEMORY_FRACTION='1.5'" in logs

@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain import GenerationLimits, PromptBuilder
@@ -16,6 +16,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -47,6 +48,7 @@ class Settings(BaseSettings):
     auto_load_models: bool = Field(True, description="load a model on its first request")
     model_idle_timeout: float = Field(0.0, ge=0.0, description="seconds unused before a model is unloaded; 0 = never")
     model_dtype: str = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA and MPS")
+    quantization: str = Field("none", description="int8: int8 Linear layers on the CPU (CUDA and MPS ignore it)")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, max_length=8000)
     max_query_chars: int = Field(32_000, ge=1)
     max_context_items: int = Field(64, ge=0)
@@ -87,6 +89,16 @@ class Settings(BaseSettings):
     def _dtype(cls, value: str) -> str:
         if value not in DTYPES:
             raise ValueError(f"must be one of {', '.join(DTYPES)}, got {value!r}")
+        return value
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, value: str, info: ValidationInfo) -> str:
+        if value not in QUANTIZATIONS:
+            raise ValueError(f"must be one of {', '.join(QUANTIZATIONS)}, got {value!r}")
+        dtype = info.data.get("model_dtype", "auto")  # absent when MODEL_DTYPE itself failed
+        if value == "int8" and dtype not in ("auto", "float32"):
+            raise ValueError(f"int8 layers take float32 input: needs MODEL_DTYPE auto or float32, got {dtype!r}")
         return value
 
     @property

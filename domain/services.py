@@ -86,6 +86,7 @@ class ModelService:
             "id": model.id,
             "device": model.device,
             "memory_mb": metadata.get("memory_mb"),
+            "quantization": metadata.get("quantization"),
             "kv_cache_mb": metadata.get("kv_cache_mb"),
             "last_used_at": last_used,
             "idle_unload_at": unload_at,

@@ -78,7 +78,12 @@ class GenerationEngine:
             max_queue_size=settings.max_queue_size,
         )
         self.repository = TransformersModelRepository(
-            self.catalog, self.executor, limits, dtype=settings.model_dtype, batching=batching
+            self.catalog,
+            self.executor,
+            limits,
+            dtype=settings.model_dtype,
+            batching=batching,
+            quantization_setting=settings.quantization,
         )
         self.watchdog = MemoryWatchdog(
             self.repository, limits, keep={settings.default_model_id}, idle_timeout_s=settings.model_idle_timeout

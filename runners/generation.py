@@ -25,6 +25,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     device: str
     dtype: torch.dtype
+    quantization: str  # "none" or "int8"
     load_time_s: float
     memory_bytes: int
     cache: PagedKVCache

@@ -35,7 +35,7 @@ from domain import (
 )
 from metrics import GENERATION_SECONDS, LOAD_SECONDS, LOADED_MODELS
 
-from . import fast_linear, paged_attention
+from . import fast_linear, paged_attention, quantization
 from .devices import dtype_for, resolve_device
 from .generation import (
     EventStream,
@@ -46,7 +46,7 @@ from .generation import (
     eos_token_ids,
 )
 from .kv_cache import BLOCK_SIZE, PagedKVCache
-from .memory import MemoryLimits, check_room_for, estimate_footprint, release_freed_memory
+from .memory import MemoryLimits, check_room_for, estimate_footprint, release_freed_memory, weights_at_load
 from .scheduler import BatchScheduler, FinishEvent, SamplingRequest, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -84,11 +84,13 @@ class TransformersModelRepository(ModelRepository):
         memory_limits: MemoryLimits,
         dtype: str = "auto",
         batching: BatchingOptions = BatchingOptions(),
+        quantization_setting: str = quantization.NONE,
     ) -> None:
         self._catalog = catalog
         self._executor = executor
         self._memory_limits = memory_limits
         self._dtype_setting = dtype
+        self._quantization_setting = quantization_setting
         self._batching = batching
         self._loaded: dict[str, LoadedModel] = {}
         self._changed_at: dict[str, datetime] = {}
@@ -262,11 +264,14 @@ class TransformersModelRepository(ModelRepository):
 
     def _load(self, entry: CatalogEntry, device: str) -> LoadedModel:
         dtype = dtype_for(device, self._dtype_setting)
+        scheme = quantization.effective_quantization(self._quantization_setting, device)
         files_size = sum(p.stat().st_size for p in Path(entry.path).glob("*") if p.is_file())
-        footprint = estimate_footprint(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
-        footprint += self._batching.kv_cache_bytes
+        read_bytes = weights_at_load(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
+        kept_bytes = quantization.resident_weights_bytes(scheme, entry.path, entry.metadata, read_bytes)
+        transient_bytes = read_bytes if scheme == quantization.INT8 else 0  # the read, beside its int8 copy
+        footprint = estimate_footprint(kept_bytes, self._batching.kv_cache_bytes, transient_bytes)
         check_room_for(entry.model_id, footprint, device, self._memory_limits)
-        logger.info("loading %s on %s as %s", entry.model_id, device, dtype)
+        logger.info("loading %s on %s as %s, quantization %s", entry.model_id, device, dtype, scheme)
         started = time.perf_counter()
         try:
             tokenizer = AutoTokenizer.from_pretrained(entry.path)
@@ -275,6 +280,9 @@ class TransformersModelRepository(ModelRepository):
             release_freed_memory()
             raise InsufficientMemoryError(f"out of memory while loading {entry.model_id!r} on {device}: {exc}") from exc
         model.eval()
+        int8_layers = quantization.quantize_linear_layers(model) if scheme == quantization.INT8 else 0
+        if int8_layers:
+            release_freed_memory()  # the float32 weights the int8 layers replaced
         switched = fast_linear.accelerate(model)
         if not paged_attention.install(model):
             raise GenerationError(
@@ -296,10 +304,12 @@ class TransformersModelRepository(ModelRepository):
         load_time = time.perf_counter() - started
         LOAD_SECONDS.labels(model=entry.model_id).observe(load_time)
         logger.info(
-            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB, %d linear layers on the small-row kernel)",
-            entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20, switched,
+            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB, %d linear layers int8, %d on the small-row kernel)",
+            entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20, int8_layers, switched,
         )
-        return LoadedModel(entry.model_id, model, tokenizer, device, dtype, round(load_time, 3), memory_bytes, cache, scheduler)
+        return LoadedModel(
+            entry.model_id, model, tokenizer, device, dtype, scheme, round(load_time, 3), memory_bytes, cache, scheduler
+        )
 
     def _kv_cache(self, model, dtype: torch.dtype, device: str) -> PagedKVCache:
         config = model.config
@@ -325,6 +335,7 @@ class TransformersModelRepository(ModelRepository):
         if loaded is not None:
             metadata.update(
                 loaded_dtype=str(loaded.dtype).replace("torch.", ""),
+                quantization=loaded.quantization,
                 load_time_s=loaded.load_time_s,
                 memory_mb=round(loaded.memory_bytes / 2**20, 1),
                 loaded_at=loaded.loaded_at.isoformat(),

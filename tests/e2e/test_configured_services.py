@@ -35,10 +35,30 @@ def run_service(tmp_path):
 
 
 def test_bad_configuration_stops_start_up_naming_the_variable(tmp_path):
-    service = launch(tmp_path / "bad.log", {"CPU_THREADS": "many", "GPU_MEMORY_FRACTION": "1.5"})
+    bad = {"CPU_THREADS": "many", "GPU_MEMORY_FRACTION": "1.5", "QUANTIZATION": "int4"}
+    service = launch(tmp_path / "bad.log", bad)
     assert service.process.wait(timeout=60) != 0
     logs = service.logs()
     assert "CPU_THREADS='many'" in logs and "GPU_MEMORY_FRACTION='1.5'" in logs
+    assert "QUANTIZATION='int4': Value error, must be one of none, int8" in logs
+
+
+def test_an_int8_service_answers_paris_and_shows_its_quantization_and_memory(run_service):
+    service = run_service(QUANTIZATION="int8")
+    france = {"query": "What is the capital of France? Answer in one sentence.", "temperature": 0, "max_length": 20}
+    response = httpx.post(f"{service.url}/generate", json=france, timeout=60)
+    assert response.status_code == 200, response.text
+    assert "Paris" in response.json()["result"]
+
+    models = httpx.get(f"{service.url}/models", timeout=10).json()["models"]
+    metadata = next(model for model in models if model["is_loaded"])["metadata"]
+    float32_mb = metadata["parameters"] * 4 / 2**20
+    assert metadata["quantization"] == "int8" and metadata["memory_mb"] < 0.5 * float32_mb
+    health = httpx.get(f"{service.url}/health", timeout=10).json()
+    assert health["loaded_models"][0]["metadata"]["quantization"] == "int8"
+    usage = httpx.get(f"{service.url}/memory-usage", timeout=10).json()
+    assert usage["loaded_models"][0]["quantization"] == "int8"
+    assert usage["loaded_models"][0]["memory_mb"] == metadata["memory_mb"]
 
 
 def test_generation_past_max_generation_time_answers_504_and_the_service_goes_on(run_service):

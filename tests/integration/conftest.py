@@ -17,8 +17,11 @@ def executor():
 
 
 @pytest.fixture
-def repository(tiny_qwen_dir, executor) -> TransformersModelRepository:
-    return TransformersModelRepository(DirectoryCatalog({TINY_QWEN_ID: tiny_qwen_dir}), executor, ROOMY)
+def repository(request, tiny_qwen_dir, executor) -> TransformersModelRepository:
+    """Unquantized, unless a test parametrizes it indirectly with a QUANTIZATION value."""
+    quantization = getattr(request, "param", "none")
+    catalog = DirectoryCatalog({TINY_QWEN_ID: tiny_qwen_dir})
+    return TransformersModelRepository(catalog, executor, ROOMY, quantization_setting=quantization)
 
 
 @pytest.fixture

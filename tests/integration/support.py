@@ -12,6 +12,8 @@ from runners.store import BentoModelStoreCatalog
 BUNDLED_MODEL_ID = "smollm2-135m-instruct"
 TINY_QWEN_ID = "tiny-qwen2"
 ROOMY = MemoryLimits(max_usage_fraction=0.95, min_free_gb=0.5, gpu_memory_fraction=0.8)
+# For `@pytest.mark.parametrize("repository", QUANTIZATIONS, indirect=True)`: the test runs on both.
+QUANTIZATIONS = ("none", "int8")
 
 
 class DirectoryCatalog(ModelCatalog):

@@ -20,7 +20,7 @@ from domain import (
 from runners.repository import BatchingOptions, TransformersModelRepository
 from runners.scheduler import SamplingRequest
 
-from .support import BUNDLED_MODEL_ID, ROOMY, DirectoryCatalog
+from .support import BUNDLED_MODEL_ID, QUANTIZATIONS, ROOMY, DirectoryCatalog
 
 QUESTIONS = [
     ("What is the capital of France? Answer in one sentence.", []),
@@ -34,14 +34,18 @@ QUESTIONS = [
 ]
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, timeout_s=120)
 PROMPTS = [PromptBuilder().build(query, context) for query, context in QUESTIONS]
+both_quantizations = pytest.mark.parametrize("batched", QUANTIZATIONS, indirect=True)
 
 
 def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def engine(executor, **batching) -> TransformersModelRepository:
-    repository = TransformersModelRepository(DirectoryCatalog({}), executor, ROOMY, batching=BatchingOptions(**batching))
+def engine(executor, quantization: str = "none", **batching) -> TransformersModelRepository:
+    options = BatchingOptions(**batching)
+    repository = TransformersModelRepository(
+        DirectoryCatalog({}), executor, ROOMY, batching=options, quantization_setting=quantization
+    )
     run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
     return repository
 
@@ -53,8 +57,9 @@ def module_executor():
 
 
 @pytest.fixture(scope="module")
-def batched(module_executor):
-    repository = engine(module_executor, max_batch_size=32, prefill_budget=128)
+def batched(request, module_executor):
+    """Unquantized, unless a test parametrizes it indirectly with a QUANTIZATION value."""
+    repository = engine(module_executor, getattr(request, "param", "none"), max_batch_size=32, prefill_budget=128)
     yield repository
     run(repository.unload_model(BUNDLED_MODEL_ID))
 
@@ -100,6 +105,7 @@ def test_shared_prefixes_are_reused_without_changing_outputs(batched, module_exe
     assert warm.text == cold.text
 
 
+@both_quantizations
 def test_rows_with_their_own_temperature_and_length_share_a_batch(batched):
     params = [
         GenerationParams(max_new_tokens=3, temperature=0.0, timeout_s=120),
@@ -118,6 +124,7 @@ def test_rows_with_their_own_temperature_and_length_share_a_batch(batched):
     assert sampled.text and sampled.temperature == 0.9
 
 
+@both_quantizations
 def test_a_long_prompt_is_prefilled_in_chunks_without_stalling_short_requests(batched):
     long_prompt = PromptBuilder().build("Summarise this text in one sentence.", ["The sky is blue today. " * 250])
 
@@ -140,6 +147,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_without_stalling_short_requests(ba
     assert scheduler_of(batched).steps - steps_before > 1500 // 128  # the long prompt took many steps
 
 
+@both_quantizations
 def test_a_cancelled_stream_leaves_the_batch_at_once(batched):
     blocks = scheduler_of(batched).load["free_kv_blocks"]
 
@@ -158,6 +166,7 @@ def test_a_cancelled_stream_leaves_the_batch_at_once(batched):
     assert scheduler_of(batched).load["free_kv_blocks"] == blocks
 
 
+@both_quantizations
 def test_a_request_past_its_deadline_stops_and_frees_its_slot(batched):
     blocks = scheduler_of(batched).load["free_kv_blocks"]
     with pytest.raises(GenerationTimeoutError, match="MAX_GENERATION_TIME=0.3s"):

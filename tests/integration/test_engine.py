@@ -24,10 +24,11 @@ from runners.memory import MemoryLimits, SystemMemory
 from runners.repository import TransformersModelRepository
 from runners.watchdog import MemoryWatchdog
 
-from .support import BUNDLED_MODEL_ID, ROOMY, TINY_QWEN_ID, DirectoryCatalog
+from .support import BUNDLED_MODEL_ID, QUANTIZATIONS, ROOMY, TINY_QWEN_ID, DirectoryCatalog
 
 FRANCE = PromptBuilder().build("What is the capital of France? Answer in one sentence.", [])
 GREEDY = GenerationParams(max_new_tokens=20, temperature=0.0, timeout_s=60)
+both_quantizations = pytest.mark.parametrize("repository", QUANTIZATIONS, indirect=True)
 
 
 def run(coroutine):
@@ -38,6 +39,7 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+@both_quantizations
 def test_bundled_model_answers_the_france_question_with_paris(repository):
     run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
     generation = run(repository.generate_text(BUNDLED_MODEL_ID, FRANCE, GREEDY))
@@ -47,6 +49,7 @@ def test_bundled_model_answers_the_france_question_with_paris(repository):
     assert generation.prompt_tokens > 20
 
 
+@both_quantizations
 def test_context_passages_reach_the_model(repository):
     run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
     prompt = PromptBuilder().build(
@@ -61,6 +64,7 @@ def test_load_unload_reload_reports_state(repository):
     assert loaded.is_loaded and loaded.device == "cpu"
     assert loaded.metadata["load_time_s"] > 0
     assert loaded.metadata["loaded_dtype"] == "float32"
+    assert loaded.metadata["quantization"] == "none"
     unloaded = run(repository.unload_model(BUNDLED_MODEL_ID))
     assert not unloaded.is_loaded and unloaded.device == "none"
     with pytest.raises(ModelNotLoadedError):
@@ -134,6 +138,7 @@ def test_sampling_with_temperature_generates_text(repository):
     assert generation.text and generation.temperature == 0.7
 
 
+@both_quantizations
 def test_tiny_qwen2_model_loads_and_generates_deterministically(repository):
     model = run(repository.load_model(TINY_QWEN_ID, "cpu"))
     assert model.is_loaded and model.device == "cpu"
@@ -180,6 +185,7 @@ def test_a_model_in_use_is_never_unloaded_by_the_watchdog(repository):
     assert watchdog.check() == [BUNDLED_MODEL_ID]
 
 
+@both_quantizations
 def test_two_models_generate_at_the_same_time_each_in_its_own_batch(repository):
     run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
     run(repository.load_model(TINY_QWEN_ID, "cpu"))

@@ -80,6 +80,7 @@ def test_device_type_is_normalized(monkeypatch: pytest.MonkeyPatch, value: str, 
         ("GENERATION_TEMPERATURE", "2.5"),
         ("MAX_MEMORY_USAGE", "1.2"),
         ("MODEL_DTYPE", "int4"),
+        ("QUANTIZATION", "int4"),
         ("DEFAULT_MODEL_ID", "Bad/Id"),
         ("RESPONSE_CACHE_SIZE", "-1"),
         ("RESPONSE_CACHE_TTL", "-5"),
@@ -123,6 +124,35 @@ def test_a_bad_device_names_the_allowed_devices(monkeypatch: pytest.MonkeyPatch)
         get_settings()
 
     assert settings.DEVICE_NAMES in str(raised.value)
+
+
+def test_quantization_is_off_by_default_and_int8_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().quantization == "none"
+    monkeypatch.setenv("QUANTIZATION", "int8")
+
+    assert get_settings().quantization == "int8"
+
+
+def test_a_bad_quantization_names_the_allowed_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUANTIZATION", "fp8")
+
+    with pytest.raises(ConfigurationError) as raised:
+        get_settings()
+
+    assert "QUANTIZATION='fp8'" in str(raised.value)
+    assert "must be one of none, int8" in str(raised.value)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_int8_with_a_half_precision_dtype_stops_start_up(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    monkeypatch.setenv("QUANTIZATION", "int8")
+    monkeypatch.setenv("MODEL_DTYPE", dtype)
+
+    with pytest.raises(ConfigurationError) as raised:
+        get_settings()
+
+    assert "QUANTIZATION='int8'" in str(raised.value)
+    assert f"needs MODEL_DTYPE auto or float32, got {dtype!r}" in str(raised.value)
 
 
 def test_generation_limits_come_from_the_settings() -> None:

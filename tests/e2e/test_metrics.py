@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import httpx
 import pytest
@@ -12,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 UNKNOWN_MODEL = "no-such-model-for-metrics"
-FRANCE = {"query": "What is the capital of France? Answer in one sentence.", "temperature": 0}
+# A query no other test sends: a greedy request another test sent first would come from the response cache.
+FRANCE = {"query": f"What is the capital of France? Answer in one sentence. ({uuid.uuid4().hex[:8]})", "temperature": 0}
 BAD_REQUESTS = 4  # more than MAX_PROCESSES, so that the 422s spread over the API workers
 PER_MODEL_HISTOGRAMS = (
     "ai_model_generation_seconds",

@@ -203,7 +203,7 @@ ERRORS_BY_ROUTE = {
     "/load-model": LOAD_ERRORS,
     "/unload-model": BODY_ERRORS | {"model_not_found", "model_not_loaded"},
     "/optimize-memory": BODY_ERRORS,
-    **dict.fromkeys(("/health", "/system-info", "/memory-usage", "/models"), ENGINE_ERRORS),
+    **dict.fromkeys((route.path for route in routes.routes), ENGINE_ERRORS),  # the GET routes
 }
 AIModelService.add_asgi_middleware(
     DocumentedErrorsMiddleware,

@@ -74,11 +74,22 @@ class AnswerFormat(abc.ABC):
     id_prefix: ClassVar[str]
     chunk_object: ClassVar[str]
 
+    answer: ClassVar[type[ChatCompletion] | type[Completion]]
+
     def __post_init__(self) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
 
+    def whole(self, generation: Generation) -> ChatCompletion | Completion:
+        return self.answer(
+            id=self.id,
+            created=self.created,
+            model=generation.model_id,
+            choices=[self._whole_choice(generation)],
+            usage=Usage.of(generation),
+        )
+
     @abc.abstractmethod
-    def whole(self, generation: Generation) -> ChatCompletion | Completion: ...
+    def _whole_choice(self, generation: Generation) -> ChatChoice | CompletionChoice: ...
 
     @abc.abstractmethod
     def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
@@ -105,13 +116,11 @@ class AnswerFormat(abc.ABC):
 class ChatFormat(AnswerFormat):
     id_prefix: ClassVar[str] = "chatcmpl"
     chunk_object: ClassVar[str] = "chat.completion.chunk"
+    answer: ClassVar[type[ChatCompletion]] = ChatCompletion
     _opened: bool = field(default=False, init=False)
 
-    def whole(self, generation: Generation) -> ChatCompletion:
-        choice = ChatChoice(message=AssistantMessage(content=generation.text), finish_reason=generation.finish_reason)
-        return ChatCompletion(
-            id=self.id, created=self.created, model=generation.model_id, choices=[choice], usage=Usage.of(generation)
-        )
+    def _whole_choice(self, generation: Generation) -> ChatChoice:
+        return ChatChoice(message=AssistantMessage(content=generation.text), finish_reason=generation.finish_reason)
 
     def chunks(self, item: Item) -> list[dict[str, Any]]:
         if self._opened:
@@ -129,12 +138,10 @@ class ChatFormat(AnswerFormat):
 class TextFormat(AnswerFormat):
     id_prefix: ClassVar[str] = "cmpl"
     chunk_object: ClassVar[str] = "text_completion"
+    answer: ClassVar[type[Completion]] = Completion
 
-    def whole(self, generation: Generation) -> Completion:
-        choice = CompletionChoice(text=generation.text, finish_reason=generation.finish_reason)
-        return Completion(
-            id=self.id, created=self.created, model=generation.model_id, choices=[choice], usage=Usage.of(generation)
-        )
+    def _whole_choice(self, generation: Generation) -> CompletionChoice:
+        return CompletionChoice(text=generation.text, finish_reason=generation.finish_reason)
 
     def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from serving import ROOT, short_request, start_service, stop_service
+from serving import ROOT, percentile, short_request, start_service, stop_service
 
 LONG_TOPICS = ["the history of bridges", "how rivers shape valleys", "the life of honey bees", "why cities grow", "how bread is made"]
 
@@ -61,15 +61,11 @@ class Cell:
     def tokens_per_s(self) -> float:
         return sum(r.completion_tokens for r in self.ok()) / self.wall_s
 
-    def percentile(self, values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
     def latency(self, q: float) -> float:
-        return self.percentile([r.latency_s for r in self.ok()], q)
+        return percentile([r.latency_s for r in self.ok()], q)
 
     def ttft(self, q: float) -> float:
-        return self.percentile([r.ttft_s for r in self.ok()], q)
+        return percentile([r.ttft_s for r in self.ok()], q)
 
 
 async def one_request(client: httpx.AsyncClient, body: dict) -> Result:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import httpx
 import redis
 
-from serving import ROOT, short_request, start_service, stop_service
+from serving import ROOT, percentile, short_request, start_service, stop_service
 
 MODES = ("off", "lru", "redis")
 # Several connections, so that both API workers (and so both in-process caches) see the prompts.
@@ -51,8 +51,7 @@ class Cell:
         return len(self.latencies_s) / self.wall_s
 
     def latency(self, q: float) -> float:
-        ordered = sorted(self.latencies_s)
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+        return percentile(self.latencies_s, q)
 
 
 async def run_requests(url: str, bodies: list[dict], concurrency: int, cell: Cell) -> None:

@@ -40,6 +40,12 @@ QUESTIONS = [
     "Is this post spam? Answer yes or no.",
 ]
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank value at fraction q (0.5: the median) of the values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 def short_request(rng: random.Random) -> dict:
     post = f"Post about {rng.choice(TOPICS)}: {rng.choice(STANCES)}"
     return {"query": rng.choice(QUESTIONS), "context": [post], "max_length": 10, "temperature": 0}

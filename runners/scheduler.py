@@ -237,22 +237,17 @@ class BatchScheduler:
                 self._retire(sequence, "timeout")
 
     def _admit(self) -> None:
-        allocator = self._cache.allocator
         while self._waiting and len(self._running) < self.max_batch_size:
             sequence = self._waiting[0]
             request = sequence.request
-            reusable = sequence.hashes[: (len(request.prompt_ids) - 1) // BLOCK_SIZE]  # keep one token to compute
-            matched = allocator.match_prefix(reusable)
             try:
-                fresh = allocator.allocate(self.blocks_needed(request) - len(matched))
+                sequence.blocks, cached = self._cache.claim(request.prompt_ids, sequence.hashes, self.blocks_needed(request))
             except CacheFull:
-                allocator.release(matched)
                 return  # it waits for running sequences to give blocks back
             self._waiting.popleft()
-            sequence.blocks = matched + fresh
             blocks = torch.tensor(sequence.blocks, dtype=torch.long)
             sequence.slots = (blocks[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten()
-            sequence.computed = sequence.cached_prompt_tokens = len(matched) * BLOCK_SIZE
+            sequence.computed = sequence.cached_prompt_tokens = cached
             self._running.append(sequence)
 
     def _step_guarded(self) -> None:
@@ -318,7 +313,7 @@ class BatchScheduler:
         for sequence, chunk in zip(prefilling, chunks):
             sequence.computed = chunk.kv_index.numel()
             if sequence.decoding:
-                self._remember_prompt_blocks(sequence)
+                self._cache.remember_prompt(sequence.blocks, sequence.hashes, sequence.request.prompt_ids)
         for sequence in decoders:
             sequence.computed += 1
         self._emit(sampled, choose_tokens(logits, [s.sampling for s in sampled]))
@@ -353,10 +348,6 @@ class BatchScheduler:
             sequence.sink(TokenEvent(token_id))
             if len(sequence.output_ids) >= sequence.request.max_new_tokens:
                 self._retire(sequence, "length")
-
-    def _remember_prompt_blocks(self, sequence: Sequence) -> None:
-        for block, block_hash in zip(sequence.blocks, sequence.hashes):
-            self._cache.allocator.remember(block, block_hash)
 
     def _retire(self, sequence: Sequence, reason: str, detail: str = "") -> None:
         self._running.remove(sequence)

@@ -4,6 +4,7 @@ reused without changing outputs, and cancelled or timed-out requests leave nothi
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +18,8 @@ from domain import (
     ModelUnloadingError,
     PromptBuilder,
 )
+from runners.generation import encode_prompt
+from runners.kv_cache import BLOCK_SIZE
 from runners.repository import BatchingOptions, TransformersModelRepository
 from runners.scheduler import SamplingRequest
 
@@ -64,6 +67,10 @@ def batched(request, module_executor):
     run(repository.unload_model(BUNDLED_MODEL_ID))
 
 
+def tokens_of(repository, prompt) -> list[int]:
+    return encode_prompt(repository.loaded(BUNDLED_MODEL_ID), prompt)
+
+
 def scheduler_of(repository):
     return repository.loaded(BUNDLED_MODEL_ID).scheduler
 
@@ -93,15 +100,20 @@ def test_greedy_outputs_in_a_batch_match_outputs_alone(batched, module_executor)
 
 
 def test_shared_prefixes_are_reused_without_changing_outputs(batched, module_executor):
+    # A post no other test sends, after the instruction of PROMPTS[1] and PROMPTS[2].
+    prompt = PromptBuilder().build(QUESTIONS[1][0], ["Post: Lovely weather for the harbour festival today."])
     fresh = engine(module_executor)  # an empty prefix cache
     try:
-        cold = run(fresh.generate_text(BUNDLED_MODEL_ID, PROMPTS[1], GREEDY))
+        cold = run(fresh.generate_text(BUNDLED_MODEL_ID, prompt, GREEDY))
     finally:
         run(fresh.unload_model(BUNDLED_MODEL_ID))
     run(batched.generate_text(BUNDLED_MODEL_ID, PROMPTS[2], GREEDY))  # same system prompt and instruction
-    warm = run(batched.generate_text(BUNDLED_MODEL_ID, PROMPTS[1], GREEDY))
+    warm = run(batched.generate_text(BUNDLED_MODEL_ID, prompt, GREEDY))
     assert cold.cached_prompt_tokens == 0
-    assert warm.cached_prompt_tokens >= 32
+    # The shared part (system prompt, instruction, "Context:\n[1] Post:") ends inside a block: whole
+    # blocks are shared, and the rest of the shared tokens are copied.
+    shared = len(os.path.commonprefix([tokens_of(batched, prompt), tokens_of(batched, PROMPTS[2])]))
+    assert shared % BLOCK_SIZE and warm.cached_prompt_tokens == shared
     assert warm.text == cold.text
 
 

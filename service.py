@@ -24,7 +24,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from api.admission import AdmissionGate, AdmissionMiddleware
 from api.errors import openai_error_response, response_for
 from api.openai import GENERATION_PATHS as OPENAI_GENERATION_PATHS
-from api.openai import build_openai_app
+from api.openai import STREAM_EVENTS as OPENAI_STREAM_EVENTS
+from api.openai import UnroutedPathMiddleware, build_openai_app
+from api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from api.openapi import DocumentedErrorsMiddleware
 from api.schemas import (
     EmptyRequest,
@@ -37,7 +39,7 @@ from api.schemas import (
     SystemInfoResponse,
     request_schemas,
 )
-from api.streaming import cancel_on_disconnect, server_sent_events
+from api.streaming import STREAM_EVENTS, cancel_on_disconnect, server_sent_events
 from api.validation import RequestValidationMiddleware
 from domain import Generation, GenerateText, GenerateTextUseCase, LoadModel, ModelService, OptimizeMemory, UnloadModel
 from runners.client import ENGINE_UNREACHABLE, EngineClient
@@ -193,25 +195,34 @@ class AIModelService:
 
 
 GENERATION_ROUTES = {"/generate", "/generate/stream", "/generate-task", "/generate-task/submit"}
+OPENAI_ROUTES = {OPENAI_PREFIX + route.path for route in openai_app.routes}
+OPENAI_GENERATION_ROUTES = {OPENAI_PREFIX + path for path in OPENAI_GENERATION_PATHS}
 # The errors each route can answer, as /docs.json lists them.
 ENGINE_ERRORS = {"engine_unavailable", "internal_error"}
 BODY_ERRORS = ENGINE_ERRORS | {"validation_error", "payload_too_large"}
 LOAD_ERRORS = BODY_ERRORS | {"model_not_found", "device_not_available", "insufficient_memory", "generation_error"}
 GENERATION_ERRORS = LOAD_ERRORS | {"model_not_loaded", "model_unloading", "overloaded", "shutting_down", "generation_timeout"}
 ERRORS_BY_ROUTE = {
-    **dict.fromkeys(GENERATION_ROUTES, GENERATION_ERRORS),
+    **dict.fromkeys(GENERATION_ROUTES | OPENAI_GENERATION_ROUTES, GENERATION_ERRORS),
     "/load-model": LOAD_ERRORS,
     "/unload-model": BODY_ERRORS | {"model_not_found", "model_not_loaded"},
     "/optimize-memory": BODY_ERRORS,
     **dict.fromkeys((route.path for route in routes.routes), ENGINE_ERRORS),  # the GET routes
+    OPENAI_PREFIX + "/models": ENGINE_ERRORS,
+    OPENAI_PREFIX + "/models/{model_id}": ENGINE_ERRORS | {"model_not_found"},
 }
 AIModelService.add_asgi_middleware(
     DocumentedErrorsMiddleware,
     spec=lambda: AIModelService.openapi_spec.asdict(),
     errors_by_route=ERRORS_BY_ROUTE,
-    event_stream_routes=["/generate/stream"],
+    event_stream_routes={
+        "/generate/stream": STREAM_EVENTS,
+        **dict.fromkeys(OPENAI_GENERATION_ROUTES, OPENAI_STREAM_EVENTS),
+    },
+    openai_routes=OPENAI_ROUTES,
+    exact_models=[ChatCompletionRequest, CompletionRequest],
 )
-OPENAI_GENERATION_ROUTES = {OPENAI_PREFIX + path for path in OPENAI_GENERATION_PATHS}
+AIModelService.add_asgi_middleware(UnroutedPathMiddleware, openai_app=openai_app, prefix=OPENAI_PREFIX)
 # Outermost first: a request over the cap is refused before its body is read. Both share one count.
 AIModelService.add_asgi_middleware(AdmissionMiddleware, paths=GENERATION_ROUTES, gate=admission)
 AIModelService.add_asgi_middleware(

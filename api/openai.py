@@ -17,8 +17,10 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from domain import CompletePrompt, Generation, GenerateTextUseCase, ModelService
@@ -41,6 +43,12 @@ from .streaming import Item, cancel_on_disconnect, event_stream
 from .validation import InvalidBody, describe_problems, field_name, parse_json_object, read_body, replay, with_json_body
 
 GENERATION_PATHS = ("/chat/completions", "/completions")
+# What each event's data holds when `stream` is true, as /docs.json says.
+STREAM_EVENTS = (
+    "JSON: a chunk (`chat.completion.chunk` or `text_completion`) per piece of text, the last one with its "
+    "finish_reason, then with stream_options.include_usage one with the usage and no choices; or "
+    '{"error": {"message", "type", "param", "code"}} when generation fails after the first piece; then [DONE]'
+)
 T = TypeVar("T")
 
 
@@ -191,13 +199,45 @@ async def _invalid_request(_: Request, error: RequestValidationError) -> JSONRes
     return openai_error_response(describe_problems(problems), "validation_error", None if param == "body" else param)
 
 
-async def _no_such_route(request: Request, error: HTTPException) -> JSONResponse:
+def _route_error(status: int, detail: str, method: str, path: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A path or method that does not exist: OpenAI's shape, with no error type of ours to name."""
     message = (
-        f"{error.detail}: {request.method} {request.url.path}; this API has GET /v1/models, "
+        f"{detail}: {method} {path}; this API has GET /v1/models, GET /v1/models/{{id}}, "
         f"POST /v1/chat/completions and POST /v1/completions"
     )
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _no_such_route(request: Request, error: HTTPException) -> JSONResponse:
+    return _route_error(error.status_code, error.detail, request.method, request.url.path, error.headers)
+
+
+class UnroutedPathMiddleware:
+    """BentoML mounts the /v1 app passively: a path under /v1 that none of its routes matches, with or
+    without a trailing slash (the outer router redirects those), never reaches it and gets the outer
+    router's plain-text 404. So does a path with a line break (`/v1/models/a%0Ab`), which Starlette's
+    mount pattern `^/v1/(?P<path>.*)$` does not cross. This answers both with OpenAI's 404 instead."""
+
+    def __init__(self, app: ASGIApp, openai_app: Starlette, prefix: str) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.mount = Mount(prefix, app=openai_app)
+        self.routes = openai_app.routes
+
+    def _reaches_the_app(self, scope: Scope) -> bool:
+        match, child = self.mount.matches(scope)
+        child_scope = {**scope, **child}
+        return match is not Match.NONE and any(route.matches(child_scope)[0] is not Match.NONE for route in self.routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if path.startswith(self.prefix + "/"):
+            toggled = {**scope, "path": path.removesuffix("/") if path.endswith("/") else path + "/"}
+            if not (self._reaches_the_app(scope) or self._reaches_the_app(toggled)):
+                await _route_error(404, "Not Found", scope["method"], path)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def build_openai_app(backend: Callable[[], Backend], max_body_bytes: int) -> FastAPI:

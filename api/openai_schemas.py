@@ -9,6 +9,7 @@ and one that asks for their effect learns that it is not there. `user` is accept
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -17,29 +18,45 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from domain import ChatMessage, CompletePrompt, Generation, Model, Prompt
 from domain.generation import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_SEED
 
+from .errors import STATUS_BY_ERROR_TYPE
 from .schemas import MAX_LENGTH_LIMIT, no_nul
 
 # OpenAI's "developer" role is the newer name of "system"; chat templates know only the latter.
 TEMPLATE_ROLE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def only(neutral: Any, why: str) -> AfterValidator:
-    """Accepts a parameter that the service does not implement only at its neutral value."""
+@dataclass(frozen=True)
+class Only:
+    """Accepts a parameter that the service does not implement only at its neutral value (or null),
+    and documents just that."""
 
-    def check(value: Any) -> Any:
-        if value is not None and value != neutral:
-            raise ValueError(f"only {json.dumps(neutral)} is supported ({why}), got {json.dumps(value)}")
+    neutral: Any
+    why: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        null = {"type": "null"}
+        allowed = null if self.neutral is None else {"anyOf": [{"const": self.neutral}, null]}
+        return {**allowed, "description": f"only {json.dumps(self.neutral)}: {self.why}"}
+
+    def _check(self, value: Any) -> Any:
+        if value is not None and value != self.neutral:
+            raise ValueError(f"only {json.dumps(self.neutral)} is supported ({self.why}), got {json.dumps(value)}")
         return value
-
-    return AfterValidator(check)
 
 
 def _stop_list(value: Any) -> Any:
@@ -78,16 +95,24 @@ StopStrings = Annotated[
     BeforeValidator(_stop_list),
     WithJsonSchema(
         {
-            "anyOf": [STOP_STRING_SCHEMA, {"type": "array", "items": STOP_STRING_SCHEMA, "maxItems": MAX_STOP_STRINGS}],
-            "nullable": True,
+            "anyOf": [
+                STOP_STRING_SCHEMA,
+                {"type": "array", "items": STOP_STRING_SCHEMA, "maxItems": MAX_STOP_STRINGS},
+                {"type": "null"},
+            ]
         }
     ),
 ]
+TEXT_PART_SCHEMA = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
 MessageContent = Annotated[
     str,
     BeforeValidator(_joined_text_parts),
     AfterValidator(no_nul),
-    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART_SCHEMA}]}),
 ]
 PromptText = Annotated[
     Annotated[str, Field(min_length=1)],
@@ -97,7 +122,7 @@ PromptText = Annotated[
         {
             "anyOf": [
                 {"type": "string", "minLength": 1},
-                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
             ]
         }
     ),
@@ -128,13 +153,13 @@ class GenerationRequest(Body):
     seed: int | None = Field(
         None, strict=True, ge=MIN_SEED, le=MAX_SEED, description="the same seed gives the same sampled text"
     )
-    n: Annotated[int | None, Field(strict=True), only(1, "one choice per request")] = None
+    n: Annotated[int | None, Field(strict=True), Only(1, "one choice per request")] = None
     stream: bool = Field(False, strict=True, description="server-sent events, one chunk per piece of text, then [DONE]")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="accepted for compatibility; unused")
-    frequency_penalty: Annotated[float | None, only(0, "penalties are not implemented")] = None
-    presence_penalty: Annotated[float | None, only(0, "penalties are not implemented")] = None
-    logit_bias: Annotated[dict[str, float] | None, only({}, "logit bias is not implemented")] = None
+    frequency_penalty: Annotated[float | None, Field(strict=True), Only(0, "penalties are not implemented")] = None
+    presence_penalty: Annotated[float | None, Field(strict=True), Only(0, "penalties are not implemented")] = None
+    logit_bias: Annotated[dict[str, float] | None, Only({}, "logit bias is not implemented")] = None
 
     @field_validator("stream_options")
     @classmethod
@@ -168,7 +193,7 @@ class ChatMessageIn(Body):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: MaxTokens = Field(None, description="the newer name of max_tokens")
-    logprobs: Annotated[bool | None, Field(strict=True), only(False, "log probabilities are not returned")] = None
+    logprobs: Annotated[bool | None, Field(strict=True), Only(False, "log probabilities are not returned")] = None
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -189,10 +214,10 @@ class ChatCompletionRequest(GenerationRequest):
 
 class CompletionRequest(GenerationRequest):
     prompt: PromptText = Field(description="raw text that the model continues (no chat template)")
-    echo: Annotated[bool | None, Field(strict=True), only(False, "the prompt is not repeated")] = None
-    best_of: Annotated[int | None, Field(strict=True), only(1, "one candidate per request")] = None
-    suffix: Annotated[str | None, only(None, "insertion is not implemented")] = None
-    logprobs: Annotated[int | None, Field(strict=True), only(0, "log probabilities are not returned")] = None
+    echo: Annotated[bool | None, Field(strict=True), Only(False, "the prompt is not repeated")] = None
+    best_of: Annotated[int | None, Field(strict=True), Only(1, "one candidate per request")] = None
+    suffix: Annotated[str | None, Only(None, "insertion is not implemented")] = None
+    logprobs: Annotated[int | None, Field(strict=True), Only(0, "log probabilities are not returned")] = None
 
     def to_command(self) -> CompletePrompt:
         return self.command(Prompt.raw(self.prompt), self.max_tokens)
@@ -274,3 +299,18 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="what was refused and why: the field, the limit and the value")
+    type: Literal["invalid_request_error", "rate_limit_error", "server_error"]
+    param: str | None = Field(description="the request field at fault, where there is one")
+    code: Literal[tuple(sorted(STATUS_BY_ERROR_TYPE))] | None = Field(  # type: ignore[valid-type]
+        description="the error_type; null only for a path or method that does not exist"
+    )
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every error on /v1, in OpenAI's shape."""
+
+    error: OpenAIError

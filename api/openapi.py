@@ -1,20 +1,24 @@
 """/docs.json as the service really answers: BentoML documents every API with its own 400, 404 and
-500 bodies, which our routes never send; they answer the error statuses of `STATUS_BY_ERROR_TYPE`
-with `{"error", "error_type"}`, the stream route answers server-sent events, and the schemas are
-OpenAPI 3.1's."""
+500 bodies, which our routes never send, and FastAPI documents its own 422 body on /v1; our routes
+answer the error statuses of `STATUS_BY_ERROR_TYPE` with `{"error", "error_type"}` (on /v1, OpenAI's
+`{"error": {"message", "type", "param", "code"}}`), the streaming routes answer server-sent events,
+and the schemas are OpenAPI 3.1's."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import STATUS_BY_ERROR_TYPE
+from .openai_schemas import OpenAIErrorResponse
 
 DOCS_PATH = "/docs.json"
 OPENAPI_VERSION = "3.1.0"
+SCHEMAS_REF = "#/components/schemas/"
 ERROR_SCHEMA_NAME = "ErrorResponse"
 ERROR_SCHEMA = {
     "type": "object",
@@ -25,24 +29,30 @@ ERROR_SCHEMA = {
         "error_type": {"type": "string", "enum": sorted(STATUS_BY_ERROR_TYPE)},
     },
 }
-BENTOML_ERROR_STATUSES = ("400", "404", "500")
-# The schema of one server-sent event, as schemathesis reads event streams.
-SERVER_SENT_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "data": {
-            "type": "string",
-            "description": 'JSON: {"text"} as tokens come, then {"done": true, "result", "finish_reason", ...} '
-            'with the usage, or {"error", "error_type"} when generation fails after the first token',
-        },
-        "event": {"type": "string"},
-    },
-}
-EVENT_STREAM = {"text/event-stream": {"schema": SERVER_SENT_EVENT}}
+OPENAI_ERROR_SCHEMA_NAME = OpenAIErrorResponse.__name__
 
 
-def error_responses(error_types: Iterable[str]) -> dict[str, dict[str, Any]]:
+def event_stream(data: str) -> dict[str, Any]:
+    """A server-sent events media type whose schema is one event, as schemathesis reads event streams."""
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "string", "description": data}, "event": {"type": "string"}},
+    }
+    return {"text/event-stream": {"schema": event}}
+
+
+def pydantic_schemas(models: Iterable[type[BaseModel]]) -> dict[str, dict[str, Any]]:
+    """The models' JSON Schemas as pydantic writes them, with the models they nest, by component name."""
+    schemas: dict[str, dict[str, Any]] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template=SCHEMAS_REF + "{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def error_responses(error_types: Iterable[str], schema_name: str) -> dict[str, dict[str, Any]]:
     """One documented response per status, naming the error types that answer it."""
     types_by_status: dict[int, list[str]] = {}
     for error_type in sorted(error_types):
@@ -50,7 +60,7 @@ def error_responses(error_types: Iterable[str]) -> dict[str, dict[str, Any]]:
     return {
         str(status): {
             "description": "error_type: " + ", ".join(types),
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ERROR_SCHEMA_NAME}"}}},
+            "content": {"application/json": {"schema": {"$ref": SCHEMAS_REF + schema_name}}},
         }
         for status, types in sorted(types_by_status.items())
     }
@@ -65,27 +75,63 @@ def whole_request_schemas(spec: dict[str, Any]) -> None:
             media = operation.get("requestBody", {}).get("content", {}).get("application/json")
             title = media.get("schema", {}).get("title") if media else None
             if title in schemas:
-                media["schema"] = {"$ref": f"#/components/schemas/{title}"}
+                media["schema"] = {"$ref": SCHEMAS_REF + title}
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(SCHEMAS_REF):
+            yield ref.removeprefix(SCHEMAS_REF)
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def without_unused_schemas(spec: dict[str, Any]) -> None:
+    """Drops the component schemas that no route refers to any more (FastAPI's HTTPValidationError)."""
+    schemas = spec["components"]["schemas"]
+    used, pending = set(), list(_refs(spec["paths"]))
+    while pending:
+        name = pending.pop()
+        if name not in used and name in schemas:
+            used.add(name)
+            pending.extend(_refs(schemas[name]))
+    spec["components"]["schemas"] = {name: schema for name, schema in schemas.items() if name in used}
 
 
 def document_errors(
-    spec: dict[str, Any], errors_by_route: dict[str, Iterable[str]], event_stream_routes: Iterable[str] = ()
+    spec: dict[str, Any],
+    errors_by_route: Mapping[str, Iterable[str]],
+    event_stream_routes: Mapping[str, str] | None = None,
+    openai_routes: Iterable[str] = (),
+    exact_models: Iterable[type[BaseModel]] = (),
 ) -> dict[str, Any]:
-    """A copy of `spec` whose routes list the errors they answer instead of BentoML's generic ones."""
+    """A copy of `spec` whose routes in `errors_by_route` list their success and the errors they answer,
+    in OpenAI's shape on `openai_routes`, instead of the generic errors BentoML or FastAPI put there.
+    `event_stream_routes` maps a route whose success is a server-sent event stream (beside JSON, if
+    it documents JSON) to what each event's data holds. `exact_models` are served as pydantic writes
+    them: BentoML and FastAPI round every numeric bound through a float (2**63 - 1 becomes 2**63)."""
     spec = json.loads(json.dumps(spec))  # a deep copy, with statuses as JSON writes them: strings
     # The schemas are pydantic's JSON Schema 2020-12 (`anyOf: [X, {type: null}]` for an optional field),
     # which is OpenAPI 3.1's dialect; BentoML labels the document 3.0.2, whose readers misread them.
     spec["openapi"] = OPENAPI_VERSION
     whole_request_schemas(spec)
-    spec.setdefault("components", {}).setdefault("schemas", {})[ERROR_SCHEMA_NAME] = ERROR_SCHEMA
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update({ERROR_SCHEMA_NAME: ERROR_SCHEMA, **pydantic_schemas([OpenAIErrorResponse, *exact_models])})
+    openai_routes = set(openai_routes)
     for route, error_types in errors_by_route.items():
+        schema_name = OPENAI_ERROR_SCHEMA_NAME if route in openai_routes else ERROR_SCHEMA_NAME
         for operation in spec["paths"][route].values():
-            responses = operation["responses"]
-            for status in BENTOML_ERROR_STATUSES:
-                responses.pop(status, None)
-            responses.update(error_responses(error_types))
-    for route in event_stream_routes:
-        spec["paths"][route]["post"]["responses"]["200"]["content"] = EVENT_STREAM
+            successes = {status: answer for status, answer in operation["responses"].items() if status.startswith("2")}
+            operation["responses"] = {**successes, **error_responses(error_types, schema_name)}
+    for route, data in (event_stream_routes or {}).items():
+        success = spec["paths"][route]["post"]["responses"]["200"]
+        json_answer = {key: media for key, media in success["content"].items() if key == "application/json"}
+        success["content"] = {**json_answer, **event_stream(data)}
+    without_unused_schemas(spec)
     return spec
 
 

@@ -58,6 +58,7 @@ def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], t
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
         timeout: float | None = Field(
             None,
+            strict=True,  # lax, `true` would pass as 1 second
             ge=MIN_TIMEOUT_S,  # not gt=0: OpenAPI 3.0, which BentoML writes, has no numeric exclusiveMinimum
             le=settings.max_generation_time,
             description=f"seconds this request may take, queueing included; at most MAX_GENERATION_TIME ({settings.max_generation_time:g})",

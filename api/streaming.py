@@ -16,6 +16,13 @@ from .errors import ClientDisconnected, count_error, error_body
 T = TypeVar("T")
 
 
+# What each event's data holds on /generate/stream, as /docs.json says.
+STREAM_EVENTS = (
+    'JSON: {"text"} as tokens come, then {"done": true, "result", "finish_reason", ...} with the usage, '
+    'or {"error", "error_type"} when generation fails after the first token'
+)
+
+
 def event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 

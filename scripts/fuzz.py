@@ -1,7 +1,7 @@
-"""The full fuzz run: schemathesis drives every route of ours on a fresh `bentoml serve` with 500
-generated cases per operation and generation mode (the test suite runs 25), checking for server
-errors and for answers /docs.json does not document (status, content type, headers, body), and that
-every schema-violating request is refused.
+"""The full fuzz run: schemathesis drives every route of ours, the OpenAI-compatible ones on /v1
+included, on a fresh `bentoml serve` with 500 generated cases per operation and generation mode (the
+test suite runs 25), checking for server errors and for answers /docs.json does not document
+(status, content type, headers, body), and that every schema-violating request is refused.
 
     python scripts/fuzz.py [--examples 500]
 """

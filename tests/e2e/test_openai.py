@@ -136,10 +136,21 @@ def test_a_stream_that_cannot_start_answers_json_with_its_status(url):
     assert response.json()["error"]["code"] == "model_not_found"
 
 
-def test_the_routes_are_in_the_openapi_document(url):
+def test_the_routes_are_in_the_openapi_document_with_their_errors_in_openai_shape(url):
     paths = httpx.get(f"{url}/docs.json", timeout=10).json()["paths"]
-    assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(paths)
-    assert "requestBody" in paths["/v1/chat/completions"]["post"]
+    assert {"/v1/models", "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions"} <= set(paths)
+    chat = paths["/v1/chat/completions"]["post"]
+    assert "requestBody" in chat
+    assert {"200", "404", "413", "422", "429", "500", "503", "504", "507"} == set(chat["responses"])
+    assert chat["responses"]["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIErrorResponse")
+    assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+
+
+@pytest.mark.parametrize("path", ["/v1/nothing", "/v1/models/a%2Fb", "/v1/models/a%0Ab"])
+def test_a_path_under_v1_that_no_route_takes_answers_404_in_openai_shape(url, path):
+    response = httpx.get(f"{url}{path}", timeout=10)
+    assert response.status_code == 404 and response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["type"] == "invalid_request_error" and response.json()["error"]["code"] is None
 
 
 @pytest.fixture(scope="module")

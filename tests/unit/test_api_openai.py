@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import pytest
+from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
-from api.openai import build_openai_app
+from api.openai import UnroutedPathMiddleware, build_openai_app
 from domain import (
     ChatMessage,
     Generation,
@@ -189,6 +190,7 @@ class TestErrors:
             ({"stop": [""]}, "stop.0", ["at least 1 character"]),
             ({"seed": 2**64}, "seed", ["got 18446744073709551616"]),
             ({"presence_penalty": 1}, "presence_penalty", ["only 0 is supported", "got 1"]),
+            ({"frequency_penalty": False}, "frequency_penalty", ["valid number", "got False"]),
             ({"logprobs": True}, "logprobs", ["only false is supported"]),
             ({"stream_options": {"include_usage": True}}, "stream_options", ["only allowed when stream is true"]),
             ({"tools": []}, "tools", ["unknown field"]),
@@ -256,3 +258,29 @@ class TestErrors:
         assert json.loads(error)["error"]["code"] == "generation_timeout"
         assert json.loads(error)["error"]["type"] == "server_error"
         assert done == "[DONE]"
+
+
+class TestUnroutedPaths:
+    """In the service, BentoML's outer router sees a /v1 path before the app does."""
+
+    @pytest.fixture
+    def outer(self) -> TestClient:
+        async def outer_router(scope, receive, send) -> None:
+            await JSONResponse({"passed_on": scope["path"]})(scope, receive, send)
+
+        openai_app = build_openai_app(lambda: None, MAX_BODY_BYTES)
+        return TestClient(UnroutedPathMiddleware(outer_router, openai_app=openai_app, prefix="/v1"))
+
+    @pytest.mark.parametrize("path", ["/v1/models/a%2Fb", "/v1/models/a%0Ab", "/v1/nothing", "/v1/chat"])
+    def test_a_path_the_app_does_not_route_answers_404_in_openai_shape(self, outer, path) -> None:
+        response = outer.get(path)
+
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] is None and response.json()["error"]["type"] == "invalid_request_error"
+        assert "Not Found: GET /v1/" in response.json()["error"]["message"]
+
+    @pytest.mark.parametrize(
+        "path", ["/v1/models", "/v1/models/test-model", "/v1/models/", "/v1/chat/completions", "/v1/chat/completions/", "/health", "/v1"]
+    )
+    def test_routed_paths_trailing_slashes_and_other_paths_pass_on(self, outer, path) -> None:
+        assert outer.get(path).json() == {"passed_on": path}

@@ -1,14 +1,22 @@
-"""/docs.json lists the errors each route really answers, in our error body, and the stream as events."""
+"""/docs.json lists the errors each route really answers, in our error body (OpenAI's on /v1), the
+streams as events, and request schemas that accept what the service accepts."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-from api.openapi import ERROR_SCHEMA_NAME, DocumentedErrorsMiddleware, document_errors
+import pytest
+from jsonschema import Draft202012Validator
+from pydantic import ValidationError
 
+from api.errors import STATUS_BY_ERROR_TYPE, error_response, openai_error_body
+from api.openai import build_openai_app
+from api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from api.openapi import ERROR_SCHEMA_NAME, OPENAI_ERROR_SCHEMA_NAME, DocumentedErrorsMiddleware, document_errors
 
 OPTIONAL_ID = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+OPENAI_ROUTES = {"/v1/models", "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions"}
 
 
 def bentoml_spec() -> dict:
@@ -30,11 +38,27 @@ def bentoml_spec() -> dict:
     }
 
 
+def with_openai_app(spec: dict) -> dict:
+    """The spec with the real /v1 app's paths and schemas merged in, as BentoML merges a mounted FastAPI app."""
+    openai = build_openai_app(lambda: None, max_body_bytes=4096).openapi()
+    spec["paths"].update({"/v1" + path: item for path, item in openai["paths"].items()})
+    spec["components"]["schemas"].update(openai["components"]["schemas"])
+    return spec
+
+
+def served(**documented) -> dict:
+    return document_errors(with_openai_app(bentoml_spec()), **documented)
+
+
+def validator(spec: dict, schema_name: str) -> Draft202012Validator:
+    return Draft202012Validator({"$ref": f"#/components/schemas/{schema_name}", "components": spec["components"]})
+
+
 def test_each_route_lists_the_statuses_of_its_error_types_and_no_others():
     spec = document_errors(
         bentoml_spec(),
         errors_by_route={"/generate": {"overloaded", "validation_error", "model_unloading", "engine_unavailable"}, "/health": {"engine_unavailable"}},
-        event_stream_routes=["/generate/stream"],
+        event_stream_routes={"/generate/stream": "events"},
     )
     generate = spec["paths"]["/generate"]["post"]["responses"]
     assert sorted(generate) == ["200", "422", "429", "503"]
@@ -46,10 +70,11 @@ def test_each_route_lists_the_statuses_of_its_error_types_and_no_others():
 
 
 def test_routes_left_out_keep_bentomls_answers_and_the_stream_is_documented_as_events():
-    spec = document_errors(bentoml_spec(), errors_by_route={}, event_stream_routes=["/generate/stream"])
+    spec = document_errors(bentoml_spec(), errors_by_route={}, event_stream_routes={"/generate/stream": "what data holds"})
     assert sorted(spec["paths"]["/generate-task/status"]["get"]["responses"]) == ["200", "400", "404", "500"]
     stream = spec["paths"]["/generate/stream"]["post"]["responses"]["200"]["content"]
     assert list(stream) == ["text/event-stream"] and stream["text/event-stream"]["schema"]["required"] == ["data"]
+    assert stream["text/event-stream"]["schema"]["properties"]["data"]["description"] == "what data holds"
     assert spec["openapi"] == "3.1.0"  # pydantic's `anyOf: [X, {type: null}]` is 3.1, not 3.0
 
 
@@ -75,3 +100,96 @@ def test_a_request_body_points_at_its_whole_schema_where_bentoml_inlined_a_flatt
     body = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/GenerateRequest"}
     assert spec["components"]["schemas"]["GenerateRequest"]["properties"]["model_id"] == OPTIONAL_ID  # null stays allowed
+
+
+class TestOpenAIRoutes:
+    def test_fastapis_422_gives_way_to_every_status_the_route_answers_in_openai_shape(self):
+        spec = served(
+            errors_by_route={
+                "/v1/chat/completions": {"validation_error", "model_not_found", "overloaded", "generation_timeout"},
+                "/v1/completions": {"validation_error"},
+                "/v1/models/{model_id}": {"model_not_found", "engine_unavailable"},
+                "/v1/models": {"engine_unavailable"},
+            },
+            openai_routes=OPENAI_ROUTES,
+        )
+        chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+        model = spec["paths"]["/v1/models/{model_id}"]["get"]["responses"]
+        assert sorted(chat) == ["200", "404", "422", "429", "504"]
+        assert sorted(model) == ["200", "404", "503"]  # FastAPI's 422 for the path parameter is gone: any string is valid
+        openai_error = {"$ref": f"#/components/schemas/{OPENAI_ERROR_SCHEMA_NAME}"}
+        assert all(chat[status]["content"]["application/json"]["schema"] == openai_error for status in ("404", "422", "429", "504"))
+        assert "HTTPValidationError" not in spec["components"]["schemas"]  # no route refers to it any more
+        assert chat["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletion"}
+
+    def test_a_route_that_streams_on_request_documents_json_and_events(self):
+        spec = served(errors_by_route={}, event_stream_routes={"/v1/completions": "chunks, then [DONE]"})
+        content = spec["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+        assert list(content) == ["application/json", "text/event-stream"]
+        assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/Completion"}
+
+    @pytest.mark.parametrize("error_type", sorted(STATUS_BY_ERROR_TYPE))
+    def test_the_documented_error_schemas_accept_the_bodies_the_service_builds(self, error_type):
+        spec = served(errors_by_route={"/v1/models": {error_type}, "/generate": {error_type}}, openai_routes=OPENAI_ROUTES)
+        ours = json.loads(error_response("message", error_type).body)
+        openai = openai_error_body("message", error_type, param="messages.0.content")
+
+        validator(spec, ERROR_SCHEMA_NAME).validate(ours)
+        validator(spec, OPENAI_ERROR_SCHEMA_NAME).validate(openai)
+
+    def test_the_openai_error_schema_refuses_our_own_error_shape(self):
+        spec = served(errors_by_route={"/v1/models": {"overloaded"}}, openai_routes=OPENAI_ROUTES)
+        assert not validator(spec, OPENAI_ERROR_SCHEMA_NAME).is_valid({"error": "busy", "error_type": "overloaded"})
+
+    def test_exact_models_keep_bounds_that_a_float_cannot_hold(self):
+        rounded = served(errors_by_route={})["components"]["schemas"]["ChatCompletionRequest"]
+        exact = served(errors_by_route={}, exact_models=[ChatCompletionRequest])["components"]["schemas"]["ChatCompletionRequest"]
+        assert rounded["properties"]["seed"]["anyOf"][0]["maximum"] == 2.0**63  # FastAPI's copy: 2**63 - 1 rounded up
+        assert exact["properties"]["seed"]["anyOf"][0]["maximum"] == 2**63 - 1
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": "m", "prompt": "hi"}
+
+
+@pytest.mark.parametrize(
+    "model, body",
+    [
+        (ChatCompletionRequest, {**CHAT, "stop": None}),
+        (ChatCompletionRequest, {**CHAT, "stop": ["a", "b"]}),
+        (ChatCompletionRequest, {**CHAT, "stop": ""}),
+        (ChatCompletionRequest, {**CHAT, "n": 1}),
+        (ChatCompletionRequest, {**CHAT, "n": 2}),
+        (ChatCompletionRequest, {**CHAT, "frequency_penalty": 0}),
+        (ChatCompletionRequest, {**CHAT, "frequency_penalty": 0.5}),
+        (ChatCompletionRequest, {**CHAT, "frequency_penalty": False}),
+        (ChatCompletionRequest, {**CHAT, "presence_penalty": "0"}),
+        (ChatCompletionRequest, {**CHAT, "logit_bias": {}}),
+        (ChatCompletionRequest, {**CHAT, "logit_bias": {"1": 2.0}}),
+        (ChatCompletionRequest, {**CHAT, "logprobs": False}),
+        (ChatCompletionRequest, {**CHAT, "logprobs": True}),
+        (ChatCompletionRequest, {**CHAT, "seed": 2**63 - 1}),
+        (ChatCompletionRequest, {**CHAT, "seed": 2**63}),
+        (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+        (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [{"text": "no type"}]}]}),
+        (CompletionRequest, {**COMPLETION, "prompt": ["one"]}),
+        (CompletionRequest, {**COMPLETION, "prompt": [""]}),
+        (CompletionRequest, {**COMPLETION, "suffix": None}),
+        (CompletionRequest, {**COMPLETION, "suffix": ""}),
+        (CompletionRequest, {**COMPLETION, "echo": False}),
+        (CompletionRequest, {**COMPLETION, "echo": 0}),
+        (CompletionRequest, {**COMPLETION, "best_of": 1}),
+        (CompletionRequest, {**COMPLETION, "best_of": 3}),
+        (CompletionRequest, {**COMPLETION, "logprobs": 0}),
+        (CompletionRequest, {**COMPLETION, "logprobs": False}),
+    ],
+)
+def test_the_documented_request_schema_accepts_exactly_what_the_service_accepts(model, body):
+    spec = served(errors_by_route={}, exact_models=[ChatCompletionRequest, CompletionRequest])
+    try:
+        model.model_validate(body)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert validator(spec, model.__name__).is_valid(body) == accepted

@@ -170,6 +170,11 @@ class TestGenerateRequests:
         assert message.startswith("temperature:")
         assert str(temperature) in message
 
+    @pytest.mark.parametrize("timeout", [True, "5"])
+    def test_a_timeout_that_is_not_a_number_is_rejected(self, client: TestClient, timeout) -> None:
+        """Found by the fuzz: lax, `true` passed as a timeout of 1 second."""
+        assert rejected(client.post("/generate", json={"query": "q", "timeout": timeout})).startswith("timeout:")
+
     def test_a_nul_byte_in_the_query_is_rejected(self, client: TestClient) -> None:
         message = rejected(client.post("/generate", json={"query": "a\x00b"}))
 

@@ -286,7 +286,9 @@ class BatchScheduler:
             tokens += sequence.request.prompt_ids[start:end]
             positions += range(start, end)
             writes.append(sequence.slots[start:end])
-            chunks.append(PromptChunk(offset, offset + end - start, sequence.slots[:end], self._chunk_mask(start, end)))
+            # Slots live on the CPU (cheap to slice per step); attention indexes the cache on its device.
+            kv_index = sequence.slots[:end].to(self._device)
+            chunks.append(PromptChunk(offset, offset + end - start, kv_index, self._chunk_mask(start, end)))
             if end == sequence.prompt_length:
                 sampled.append(sequence)
                 keep.append(offset + end - start - 1)
@@ -318,12 +320,11 @@ class BatchScheduler:
             sequence.computed += 1
         self._emit(sampled, choose_tokens(logits, [s.sampling for s in sampled]))
 
-    @staticmethod
-    def _chunk_mask(start: int, end: int) -> torch.Tensor | None:
+    def _chunk_mask(self, start: int, end: int) -> torch.Tensor | None:
         if start == 0:
             return None
-        queries = torch.arange(start, end)[:, None]
-        return torch.arange(end)[None, :] <= queries
+        queries = torch.arange(start, end, device=self._device)[:, None]
+        return torch.arange(end, device=self._device)[None, :] <= queries
 
     def _decode_layout(self, decoders: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([s.computed + 1 for s in decoders])

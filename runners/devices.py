@@ -59,6 +59,10 @@ def configure_torch(cpu_threads: int, gpu_memory_fraction: float) -> int:
     torch.set_num_threads(threads)
     for index in range(torch.cuda.device_count()):
         torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction, index)
+    if torch.cuda.is_available():
+        # cuDNN's attention spends about 1.7 ms of CPU on each masked decode call (torch 2.11, H100): a
+        # random Qwen2.5-3B step took 107 ms at batch 1 and 187 ms at batch 32 with it, 54 and 70 without.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return threads
 
 

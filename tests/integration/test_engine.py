@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+import torch
 
 from domain import (
     DeviceNotAvailableError,
@@ -92,6 +95,26 @@ def test_concurrent_loads_of_one_model_load_it_once(repository):
     models = run(load_twice())
     assert all(model.is_loaded for model in models)
     assert len({model.metadata["loaded_at"] for model in models}) == 1
+
+
+def native_threads() -> int:
+    """Threads of this process that Python did not start: OpenMP's workers among them."""
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+
+def test_a_load_leaves_no_openmp_workers_behind_on_the_loading_thread(repository):
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs one thread here: OpenMP starts no workers to leave behind")
+    with ThreadPoolExecutor(1) as long_lived:  # like the engine's executor, it outlives the load
+        long_lived.submit(lambda: None).result()
+        before = native_threads()
+        repository.load_blocking(BUNDLED_MODEL_ID, "cpu")  # a model large enough for parallel work
+        long_lived.submit(lambda: repository.load_blocking(TINY_QWEN_ID, "cpu")).result()
+        # The loads ran on threads that ended with them, taking their OpenMP teams along; a team left
+        # on a live thread makes libgomp stop spinning at barriers, slowing every batch step.
+        assert native_threads() == before
+    for model_id in (BUNDLED_MODEL_ID, TINY_QWEN_ID):
+        repository.unload_blocking(model_id)
 
 
 def test_unknown_model_is_not_found_and_lists_what_exists(repository):

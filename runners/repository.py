@@ -70,7 +70,9 @@ def on_a_thread_of_its_own(work: Callable[[], T]) -> T:
         except BaseException as error:  # noqa: BLE001: handed to the waiting caller
             done.set_exception(error)
 
-    threading.Thread(target=run, name="model-load", daemon=True).start()
+    thread = threading.Thread(target=run, name="model-load", daemon=True)
+    thread.start()
+    thread.join()
     return done.result()
 
 

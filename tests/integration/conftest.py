@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,7 +22,13 @@ def repository(request, tiny_qwen_dir, executor) -> TransformersModelRepository:
     """Unquantized, unless a test parametrizes it indirectly with a QUANTIZATION value."""
     quantization = getattr(request, "param", "none")
     catalog = DirectoryCatalog({TINY_QWEN_ID: tiny_qwen_dir})
-    return TransformersModelRepository(catalog, executor, ROOMY, quantization_setting=quantization)
+    repository = TransformersModelRepository(catalog, executor, ROOMY, quantization_setting=quantization)
+    yield repository
+    # Whatever a test left loaded, failing tests included: a loaded model's scheduler thread keeps its
+    # weights and KV cache alive, and later tests' memory guards would count them.
+    for model in asyncio.run(repository.list_models()):
+        if model.is_loaded:
+            repository.unload_blocking(model.id)
 
 
 @pytest.fixture

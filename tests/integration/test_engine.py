@@ -110,11 +110,13 @@ def test_a_load_leaves_no_openmp_workers_behind_on_the_loading_thread(repository
         before = native_threads()
         repository.load_blocking(BUNDLED_MODEL_ID, "cpu")  # a model large enough for parallel work
         long_lived.submit(lambda: repository.load_blocking(TINY_QWEN_ID, "cpu")).result()
-        # The loads ran on threads that ended with them, taking their OpenMP teams along; a team left
-        # on a live thread makes libgomp stop spinning at barriers, slowing every batch step.
+        # The loads ran on threads that ended with them, taking their OpenMP teams along (the workers
+        # exit just after their thread's end); a team left on a live thread makes libgomp stop spinning
+        # at barriers, slowing every batch step.
+        deadline = time.monotonic() + 5
+        while native_threads() != before and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert native_threads() == before
-    for model_id in (BUNDLED_MODEL_ID, TINY_QWEN_ID):
-        repository.unload_blocking(model_id)
 
 
 def test_unknown_model_is_not_found_and_lists_what_exists(repository):

@@ -47,8 +47,10 @@ from runners.drain import defer_sigterm, drain_limit_s
 from runners.engine import GenerationEngine
 from runners.response_cache import response_cache_for
 from settings import get_settings
+from tracing import trace_requests_not_messages
 
 settings = get_settings()
+trace_requests_not_messages()  # before BentoML builds the apps of this process
 GenerateRequest, LoadModelRequest, UnloadModelRequest = request_schemas(settings)
 # The engine enforces MAX_GENERATION_TIME inside generation; this only catches a stuck hop.
 HTTP_TIMEOUT_S = int(settings.max_generation_time) + 60

@@ -28,10 +28,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 model: venv
 	$(BIN)/python scripts/import_model.py
 
-# Builds the small-row linear kernel (runners/fast_linear.py) now, so loading a model does not pay
-# for it; where it cannot be built this only warns and layers keep F.linear.
+# Builds the CPU kernels (runners/kernels.py) now, so loading a model does not pay
+# for them; where they cannot be built this only warns and the engine keeps F.linear and SDPA.
 kernel: venv
-	$(BIN)/python -c "from runners.fast_linear import load_kernel; load_kernel()"
+	$(BIN)/python -c "from runners.kernels import load_kernels; load_kernels()"
 
 serve: setup
 	$(BIN)/bentoml serve service:AIModelService --host $(HOST) --port $(PORT)

@@ -22,7 +22,7 @@ import torch
 from metrics import SchedulerMetrics
 
 from .kv_cache import BLOCK_SIZE, PADDING_BLOCK, CacheFull, PagedKVCache, block_hashes
-from .paged_attention import PromptChunk, StepPlan
+from .paged_attention import PromptChunk, StepPlan, group_chunks
 from .sampling import RowSampling, choose_tokens, seeded_generator
 
 logger = logging.getLogger(__name__)
@@ -268,6 +268,7 @@ class BatchScheduler:
         sampled: list[Sequence] = list(decoders)
         keep: list[int] = list(range(len(decoders)))
         chunks: list[PromptChunk] = []
+        chunk_starts: list[int] = []
         prefilling: list[Sequence] = []
         budget = self.prefill_budget
         now = time.monotonic()
@@ -289,19 +290,23 @@ class BatchScheduler:
             # Slots live on the CPU (cheap to slice per step); attention indexes the cache on its device.
             kv_index = sequence.slots[:end].to(self._device)
             chunks.append(PromptChunk(offset, offset + end - start, kv_index, self._chunk_mask(start, end)))
+            chunk_starts.append(start)
             if end == sequence.prompt_length:
                 sampled.append(sequence)
                 keep.append(offset + end - start - 1)
+        single_chunks, chunk_groups = group_chunks(chunks, chunk_starts, self._device)
         plan = StepPlan(
             cache=self._cache,
             write_index=torch.cat(writes).to(self._device),
             decode_count=len(decoders),
             decode_kv_index=None,
+            decode_lengths=None,
             decode_mask=None,
-            chunks=chunks,
+            chunks=single_chunks,
+            chunk_groups=chunk_groups,
         )
         if decoders:
-            plan.decode_kv_index, plan.decode_mask = self._decode_layout(decoders)
+            plan.decode_kv_index, plan.decode_lengths, plan.decode_mask = self._decode_layout(decoders)
         logits = self._model(
             input_ids=torch.tensor([tokens], device=self._device),
             position_ids=torch.tensor([positions], device=self._device),
@@ -326,14 +331,14 @@ class BatchScheduler:
         queries = torch.arange(start, end, device=self._device)[:, None]
         return torch.arange(end, device=self._device)[None, :] <= queries
 
-    def _decode_layout(self, decoders: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_layout(self, decoders: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([s.computed + 1 for s in decoders])
         longest = int(lengths.max())
         index = torch.full((len(decoders), longest), PADDING_BLOCK * BLOCK_SIZE, dtype=torch.long)
         for row, sequence in enumerate(decoders):
             index[row, : sequence.computed + 1] = sequence.slots[: sequence.computed + 1]
         mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
-        return index.to(self._device), mask.to(self._device)
+        return index.to(self._device), lengths.to(self._device), mask.to(self._device)
 
     def _emit(self, sequences: list[Sequence], token_ids: list[int]) -> None:
         now = time.monotonic()

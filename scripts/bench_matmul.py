@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.mkldnn
 
-from runners.fast_linear import load_kernel
+from runners.kernels import load_kernels
 
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 FUSED_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # q|k|v and gate|up in one matrix each
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, len(os.sched_getaffinity(0))))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    kernel = load_kernel()
+    kernel = load_kernels()
     if kernel is None:
         raise SystemExit("the small-row kernel could not be built here (see the warning above)")
     weights = [torch.randn(out, into) for _ in range(30) for out, into in LAYER_SHAPES]

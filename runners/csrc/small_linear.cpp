@@ -142,8 +142,3 @@ torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight,
   });
   return y;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("small_linear", &small_linear, "fp32 x @ weight.T + bias for a few rows", py::arg("x"), py::arg("weight"),
-        py::arg("bias") = py::none());
-}

@@ -20,7 +20,7 @@ import bentoml
 import httpx
 import pytest
 
-from runners.fast_linear import build_roots, cpu_has_avx2_fma
+from runners.kernels import build_roots, cpu_has_avx2_fma
 from settings import Settings, get_settings
 from tests.conftest import ROOT
 
@@ -80,7 +80,7 @@ def test_make_bento_prints_the_tag_of_a_bento_that_packs_the_default_model(bento
 
 
 def test_the_bento_serves_by_its_tag_from_another_directory(bento_tag, bento_home, tmp_path):
-    # The kernel `make setup` built for the checkout: the same source, so the Bento loads it without compiling.
+    # The kernels `make setup` built for the checkout: the same sources, so the Bento loads them without compiling.
     kernel_builds = {"TORCH_EXTENSIONS_DIR": str(build_roots()[0])}
     service = start(tmp_path / "bento.log", kernel_builds, target=bento_tag, cwd=tmp_path)
     try:
@@ -93,8 +93,8 @@ def test_the_bento_serves_by_its_tag_from_another_directory(bento_tag, bento_hom
         assert [Path(model["path"]).resolve().is_relative_to(bento_home) for model in models] == [True]
     finally:
         service.stop()
-    # Without AVX2 the kernel is off with one warning; otherwise the Bento's engine loads it.
-    assert service.logs().count("small-row linear kernel off") == (0 if cpu_has_avx2_fma() else 1), service.logs()
+    # Without AVX2 the kernels are off with one warning; otherwise the Bento's engine loads them.
+    assert service.logs().count("CPU kernels off") == (0 if cpu_has_avx2_fma() else 1), service.logs()
 
 
 def test_make_dockerfile_writes_an_image_that_installs_the_requirements_and_serves(bento_tag, bento_dir, tmp_path):

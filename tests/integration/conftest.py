@@ -5,10 +5,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from runners.kernels import cpu_has_avx2_fma, load_kernels
 from runners.repository import TransformersModelRepository
 from tests.redis_server import RedisServer
 
 from .support import ROOMY, TINY_QWEN_ID, DirectoryCatalog
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    """The engine's CPU kernels, built; skipped only where the CPU cannot run them."""
+    built = load_kernels()
+    if built is None:
+        if not cpu_has_avx2_fma():
+            pytest.skip("this CPU lacks AVX2 or FMA, so the CPU kernels are never built on it")
+        pytest.fail("the CPU kernels did not build on a CPU with AVX2 and FMA (see the logged warning)")
+    return built
 
 
 @pytest.fixture(scope="session")

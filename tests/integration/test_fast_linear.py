@@ -1,5 +1,4 @@
-"""The small-row fp32 linear kernel: agreement with F.linear, batch invariance, a model switched to it,
-and where it is built."""
+"""The small-row fp32 linear kernel: agreement with F.linear, batch invariance, a model switched to it."""
 
 from __future__ import annotations
 
@@ -10,20 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from runners import fast_linear
-from runners.fast_linear import MAX_ROWS, SOURCE, SmallBatchLinear, accelerate, cpu_has_avx2_fma, load_kernel
+from runners.fast_linear import MAX_ROWS, SmallBatchLinear, accelerate
+from runners.kernels import load_kernels
 
 ROW_COUNTS = range(1, MAX_ROWS + 2)
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    built = load_kernel()
-    if built is None:
-        if not cpu_has_avx2_fma():
-            pytest.skip("this CPU lacks AVX2 or FMA, so the small-row kernel is never built on it")
-        pytest.fail("the small-row kernel did not build on a CPU with AVX2 and FMA (see the logged warning)")
-    return built
 
 
 @pytest.mark.parametrize("in_features", [576, 1536, 13])
@@ -75,40 +66,3 @@ def test_calls_that_need_gradients_keep_f_linear(kernel):
     layer(x).sum().backward()
 
     assert layer.weight.grad is not None
-
-
-@pytest.fixture
-def unwritable(tmp_path) -> Path:
-    """A path no directory can be made under (tests run as root, so permissions would not stop them)."""
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    return blocker / "torch_extensions"
-
-
-def test_code_that_cannot_build_beside_itself_builds_in_the_user_cache(unwritable, tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    monkeypatch.setattr(fast_linear, "DEFAULT_BUILD_ROOT", unwritable)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where torch puts its per-user builds
-
-    build_dir = fast_linear.writable_build_dir()
-
-    assert build_dir.parent == tmp_path / "cache" / "torch_extensions"
-    assert (build_dir / SOURCE.name).read_bytes() == SOURCE.read_bytes()
-
-
-def test_no_writable_build_directory_turns_the_kernel_off_with_one_warning(unwritable, monkeypatch, caplog):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(unwritable))
-
-    assert load_kernel.__wrapped__() is None
-
-    assert [record.getMessage().split(":")[0] for record in caplog.records] == ["small-row linear kernel off"]
-
-
-def test_a_model_with_no_fp32_cpu_linear_builds_nothing(unwritable, monkeypatch, caplog):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(unwritable))
-    load_kernel.cache_clear()
-    try:
-        assert accelerate(torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=torch.bfloat16))) == 0
-        assert caplog.records == []  # the build was not even tried
-    finally:
-        load_kernel.cache_clear()

@@ -1,0 +1,14 @@
+// The engine's CPU kernels as one extension module (runners/kernels.py builds it).
+#include <torch/extension.h>
+
+torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias);
+torch::Tensor paged_decode_attention(const torch::Tensor& queries, const torch::Tensor& keys, const torch::Tensor& values,
+                                     const torch::Tensor& slots, const torch::Tensor& lengths, double scale);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("small_linear", &small_linear, "fp32 x @ weight.T + bias for a few rows", py::arg("x"), py::arg("weight"),
+        py::arg("bias") = py::none());
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "fp32 attention of one query token per sequence over its cache slots", py::arg("queries"), py::arg("keys"),
+        py::arg("values"), py::arg("slots"), py::arg("lengths"), py::arg("scale"));
+}

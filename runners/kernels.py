@@ -1,0 +1,114 @@
+"""The engine's fp32 CPU kernels (csrc/), built on first use with the local C++ compiler.
+
+- `small_linear`: linear layers for decode batches of a few rows (fast_linear.py).
+- `paged_decode_attention`: decoding tokens' attention read in place from the paged KV cache
+  (paged_attention.py).
+
+Both need AVX2 and FMA. Where the extension cannot be built (no AVX2/FMA, no compiler, no
+writable build directory, a failed build) the engine keeps F.linear and SDPA, with one warning.
+
+The build directory is named after the sources' hash and compiles a copy of the sources kept in
+it, so a checkout and a Bento with the same kernels share one build wherever their code lies.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.utils.cpp_extension import get_default_build_root, load
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+# bindings.cpp exposes the functions the others define; one extension, one build.
+SOURCES = tuple(SOURCE_DIR / name for name in ("bindings.cpp", "small_linear.cpp", "paged_attention.cpp"))
+DEFAULT_BUILD_ROOT = Path(__file__).resolve().parent.parent / ".build" / "torch_extensions"
+NAME = "engine_kernels"
+
+
+def cpu_has_avx2_fma() -> bool:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return {"avx2", "fma"} <= set(flags)
+
+
+def build_roots() -> list[Path]:
+    """TORCH_EXTENSIONS_DIR; else the checkout's .build, then torch's per-user cache for code that cannot
+    write beside itself (a Bento owned by another user, a read-only image)."""
+    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return [Path(explicit)] if explicit else [DEFAULT_BUILD_ROOT, Path(get_default_build_root())]
+
+
+def writable_build_dir() -> Path | None:
+    """The first build root that can be written, with these sources and torch version's directory in it."""
+    sources = {path.name: path.read_bytes() for path in SOURCES}
+    digest = hashlib.sha256(b"".join(name.encode() + b"\0" + text for name, text in sources.items())).hexdigest()
+    name = f"{NAME}-torch{torch.__version__}-{digest[:12]}"
+    for root in build_roots():
+        build_dir = root / name
+        try:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(build_dir, os.W_OK):  # torch takes a lock file there even to load a finished build
+                continue
+            for file_name, text in sources.items():
+                copy = build_dir / file_name
+                if not copy.exists():  # written once: a new mtime would make ninja build again
+                    partial = build_dir / f"{file_name}.{os.getpid()}.partial"
+                    partial.write_bytes(text)
+                    partial.replace(copy)
+        except OSError:
+            continue
+        return build_dir
+    return None
+
+
+@functools.cache
+def load_kernels() -> ModuleType | None:
+    """The compiled extension, built once per source, flags and torch version.
+
+    None, with one logged warning, where it cannot be built.
+    """
+    if not cpu_has_avx2_fma():
+        logger.warning("CPU kernels off: this CPU lacks AVX2 or FMA")
+        return None
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        logger.warning("CPU kernels off: no C++ compiler %r to build it", compiler)
+        return None
+    # torch runs `ninja` from PATH; the one pip installs sits next to this interpreter, which may not be on it.
+    interpreter_bin = str(Path(sys.executable).parent)
+    if interpreter_bin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([interpreter_bin, os.environ.get("PATH", "")])
+    missing = [str(path) for path in SOURCES if not path.is_file()]
+    if missing:  # a Bento built without runners/csrc
+        logger.warning("CPU kernels off: their sources %s are missing", ", ".join(missing))
+        return None
+    build_dir = writable_build_dir()
+    if build_dir is None:
+        roots = " or ".join(map(str, build_roots()))
+        logger.warning("CPU kernels off: no writable build directory in %s", roots)
+        return None
+    try:
+        return load(
+            name=NAME,
+            sources=[str(build_dir / path.name) for path in SOURCES],
+            # -fopenmp so at::parallel_for uses torch's OpenMP threads; the library is torch's own libgomp.
+            # CPU_CAPABILITY: ATen's vector types (paged_attention.cpp) in their AVX2 form.
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+        )
+    except (RuntimeError, OSError, ImportError) as exc:
+        logger.warning("CPU kernels off: building it failed: %s", exc)
+        return None

@@ -55,9 +55,9 @@ class ChunkGroup:
 GROUP_PADDING_LIMIT = 1.5
 
 
-def group_chunks(chunks: list[PromptChunk], starts: list[int], device: torch.device) -> tuple[list[PromptChunk], list[ChunkGroup]]:
-    """The chunks left to attend one by one, and groups of the others. `starts` are the chunks' first
-    positions in their sequences; chunks come ordered by size, so neighbours make the groups."""
+def group_chunks(chunks: list[PromptChunk], device: torch.device) -> tuple[list[PromptChunk], list[ChunkGroup]]:
+    """The chunks left to attend one by one, and groups of the others. Chunks come ordered by size,
+    so neighbours make the groups."""
     single: list[PromptChunk] = []
     groups: list[ChunkGroup] = []
     members: list[int] = []
@@ -71,7 +71,7 @@ def group_chunks(chunks: list[PromptChunk], starts: list[int], device: torch.dev
         if len(members) == 1:
             single.append(chunks[members[0]])
         elif members:
-            groups.append(chunk_group([chunks[i] for i in members], [starts[i] for i in members], device))
+            groups.append(chunk_group([chunks[i] for i in members], device))
         members.clear()
 
     for index in range(len(chunks)):
@@ -83,17 +83,17 @@ def group_chunks(chunks: list[PromptChunk], starts: list[int], device: torch.dev
     return single, groups
 
 
-def chunk_group(chunks: list[PromptChunk], starts: list[int], device: torch.device) -> ChunkGroup:
+def chunk_group(chunks: list[PromptChunk], device: torch.device) -> ChunkGroup:
     longest_chunk = max(chunk.end - chunk.start for chunk in chunks)
     longest_context = max(chunk.kv_index.numel() for chunk in chunks)
     kv_index = torch.full((len(chunks), longest_context), PADDING_SLOT, dtype=torch.long, device=device)
     mask = torch.zeros(len(chunks), 1, longest_chunk, longest_context, dtype=torch.bool, device=device)
     mask[:, :, :, 0] = True  # padded query rows see one slot, so their (discarded) output is not NaN
     token_index, padded_index = [], []
-    for row, (chunk, start) in enumerate(zip(chunks, starts)):
-        size, context = chunk.end - chunk.start, chunk.kv_index.numel()
+    for row, chunk in enumerate(chunks):
+        size, context = chunk.end - chunk.start, chunk.kv_index.numel()  # the chunk ends its context
         kv_index[row, :context] = chunk.kv_index
-        positions = torch.arange(start, start + size, device=device)[:, None]
+        positions = torch.arange(context - size, context, device=device)[:, None]
         mask[row, 0, :size, :context] = torch.arange(context, device=device)[None, :] <= positions
         token_index += range(chunk.start, chunk.end)
         padded_index += range(row * longest_chunk, row * longest_chunk + size)

@@ -268,7 +268,6 @@ class BatchScheduler:
         sampled: list[Sequence] = list(decoders)
         keep: list[int] = list(range(len(decoders)))
         chunks: list[PromptChunk] = []
-        chunk_starts: list[int] = []
         prefilling: list[Sequence] = []
         budget = self.prefill_budget
         now = time.monotonic()
@@ -290,11 +289,10 @@ class BatchScheduler:
             # Slots live on the CPU (cheap to slice per step); attention indexes the cache on its device.
             kv_index = sequence.slots[:end].to(self._device)
             chunks.append(PromptChunk(offset, offset + end - start, kv_index, self._chunk_mask(start, end)))
-            chunk_starts.append(start)
             if end == sequence.prompt_length:
                 sampled.append(sequence)
                 keep.append(offset + end - start - 1)
-        single_chunks, chunk_groups = group_chunks(chunks, chunk_starts, self._device)
+        single_chunks, chunk_groups = group_chunks(chunks, self._device)
         plan = StepPlan(
             cache=self._cache,
             write_index=torch.cat(writes).to(self._device),

@@ -10,7 +10,7 @@ from runners.paged_attention import PromptChunk, group_chunks, grouped_chunk_att
 HEADS, KV_HEADS, DIM, SLOTS = 9, 3, 64, 800
 
 
-def prompt_chunks(sizes_and_starts: list[tuple[int, int]], seed: int = 0) -> tuple[list[PromptChunk], list[int]]:
+def prompt_chunks(sizes_and_starts: list[tuple[int, int]], seed: int = 0) -> list[PromptChunk]:
     """Chunks laid one after another in a step's row; chunk i covers positions [start, start + size)."""
     generator = torch.Generator().manual_seed(seed)
     chunks, offset = [], 0
@@ -18,7 +18,7 @@ def prompt_chunks(sizes_and_starts: list[tuple[int, int]], seed: int = 0) -> tup
         kv_index = torch.randperm(SLOTS, generator=generator)[: start + size]
         chunks.append(PromptChunk(offset, offset + size, kv_index, None))
         offset += size
-    return chunks, [start for _, start in sizes_and_starts]
+    return chunks
 
 
 def one_by_one(queries, keys, values, chunk: PromptChunk, start: int) -> torch.Tensor:
@@ -31,26 +31,27 @@ def one_by_one(queries, keys, values, chunk: PromptChunk, start: int) -> torch.T
 
 
 def test_chunks_of_similar_size_are_grouped_and_a_much_longer_one_is_left_alone():
-    chunks, starts = prompt_chunks([(16, 58), (18, 56), (20, 60), (70, 0), (1, 90)])
+    chunks = prompt_chunks([(16, 58), (18, 56), (20, 60), (70, 0), (1, 90)])
 
-    single, groups = group_chunks(chunks, starts, torch.device("cpu"))
+    single, groups = group_chunks(chunks, torch.device("cpu"))
 
     assert [group.kv_index.shape[0] for group in groups] == [3]
     assert [(chunk.start, chunk.end) for chunk in single] == [(54, 124), (124, 125)]
 
 
 def test_grouped_attention_matches_each_chunk_attended_alone():
-    chunks, starts = prompt_chunks([(16, 58), (18, 56), (20, 60), (17, 0)], seed=1)
+    sizes_and_starts = [(16, 58), (18, 56), (20, 60), (17, 0)]
+    chunks = prompt_chunks(sizes_and_starts, seed=1)
     generator = torch.Generator().manual_seed(2)
     queries = torch.randn(chunks[-1].end, HEADS, DIM, generator=generator)
     keys, values = (torch.randn(SLOTS, KV_HEADS, DIM, generator=generator) for _ in range(2))
 
-    single, groups = group_chunks(chunks, starts, torch.device("cpu"))
+    single, groups = group_chunks(chunks, torch.device("cpu"))
     assert single == [] and len(groups) == 1
     group = groups[0]
     attended = torch.empty_like(queries)
     attended.index_copy_(0, group.token_index, grouped_chunk_attention(queries, keys, values, group, 0.125))
 
-    for chunk, start in zip(chunks, starts):
+    for chunk, (_, start) in zip(chunks, sizes_and_starts):
         expected = one_by_one(queries, keys, values, chunk, start)
         torch.testing.assert_close(attended[chunk.start : chunk.end], expected, rtol=1e-5, atol=1e-5)

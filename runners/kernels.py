@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 # bindings.cpp exposes the functions the others define; one extension, one build.
 SOURCES = tuple(SOURCE_DIR / name for name in ("bindings.cpp", "small_linear.cpp", "paged_attention.cpp"))
+HEADERS = (SOURCE_DIR / "avx2.h",)  # included by the sources: copied and hashed with them, not compiled
 DEFAULT_BUILD_ROOT = Path(__file__).resolve().parent.parent / ".build" / "torch_extensions"
 NAME = "engine_kernels"
 
@@ -52,7 +53,7 @@ def build_roots() -> list[Path]:
 
 def writable_build_dir() -> Path | None:
     """The first build root that can be written, with these sources and torch version's directory in it."""
-    sources = {path.name: path.read_bytes() for path in SOURCES}
+    sources = {path.name: path.read_bytes() for path in (*SOURCES, *HEADERS)}
     digest = hashlib.sha256(b"".join(name.encode() + b"\0" + text for name, text in sources.items())).hexdigest()
     name = f"{NAME}-torch{torch.__version__}-{digest[:12]}"
     for root in build_roots():
@@ -90,7 +91,7 @@ def load_kernels() -> ModuleType | None:
     interpreter_bin = str(Path(sys.executable).parent)
     if interpreter_bin not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([interpreter_bin, os.environ.get("PATH", "")])
-    missing = [str(path) for path in SOURCES if not path.is_file()]
+    missing = [str(path) for path in (*SOURCES, *HEADERS) if not path.is_file()]
     if missing:  # a Bento built without runners/csrc
         logger.warning("CPU kernels off: their sources %s are missing", ", ".join(missing))
         return None

@@ -21,6 +21,7 @@ import torch
 BLOCK_SIZE = 16
 # Never handed out: batched attention pads with its slots, so they must hold finite values.
 PADDING_BLOCK = 0
+PADDING_SLOT = PADDING_BLOCK * BLOCK_SIZE  # a slot no sequence owns, holding finite values
 
 
 def block_hashes(token_ids: list[int], block_size: int = BLOCK_SIZE) -> list[int]:

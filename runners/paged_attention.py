@@ -14,7 +14,7 @@ the attention itself (at 22 sequences of 84 tokens, 0.32 ms a layer against 0.11
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .kernels import load_kernels
-from .kv_cache import BLOCK_SIZE, PADDING_BLOCK, PagedKVCache
-
-PADDING_SLOT = PADDING_BLOCK * BLOCK_SIZE  # a slot no sequence owns, holding finite values
+from .kv_cache import PADDING_SLOT, PagedKVCache
 
 IMPLEMENTATION = "engine_paged"
 
@@ -35,7 +33,17 @@ class PromptChunk:
     start: int  # where the chunk's tokens begin in the step's flat row
     end: int
     kv_index: torch.Tensor  # cache slots of the sequence's tokens so far, this chunk included
-    causal_mask: torch.Tensor | None  # None when the chunk is the whole context: plain causal attention
+    # Set by group_chunks for a chunk attended alone; None when the chunk is its whole context (plain causal).
+    causal_mask: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def context(self) -> int:
+        """Positions the chunk's last token sees: the sequence's tokens so far, the chunk's own included."""
+        return self.kv_index.numel()
 
 
 @dataclass
@@ -60,43 +68,52 @@ def group_chunks(chunks: list[PromptChunk], device: torch.device) -> tuple[list[
     so neighbours make the groups."""
     single: list[PromptChunk] = []
     groups: list[ChunkGroup] = []
-    members: list[int] = []
-
-    def area(indexes: list[int]) -> tuple[int, int]:
-        padded = len(indexes) * max(chunks[i].end - chunks[i].start for i in indexes) * max(chunks[i].kv_index.numel() for i in indexes)
-        own = sum((chunks[i].end - chunks[i].start) * chunks[i].kv_index.numel() for i in indexes)
-        return padded, own
+    members: list[PromptChunk] = []
 
     def close() -> None:
         if len(members) == 1:
-            single.append(chunks[members[0]])
+            single.append(with_causal_mask(members[0], device))
         elif members:
-            groups.append(chunk_group([chunks[i] for i in members], device))
+            groups.append(chunk_group(members, device))
         members.clear()
 
-    for index in range(len(chunks)):
-        padded, own = area([*members, index])
-        if members and padded > GROUP_PADDING_LIMIT * own:
+    for chunk in chunks:
+        candidate = [*members, chunk]
+        if members and padded_area(candidate) > GROUP_PADDING_LIMIT * sum(c.size * c.context for c in candidate):
             close()
-        members.append(index)
+        members.append(chunk)
     close()
     return single, groups
 
 
+def padded_area(chunks: list[PromptChunk]) -> int:
+    return len(chunks) * max(chunk.size for chunk in chunks) * max(chunk.context for chunk in chunks)
+
+
+def causal_mask(chunk: PromptChunk, device: torch.device) -> torch.Tensor:
+    """[chunk, context]: what each of the chunk's tokens sees; the chunk ends its context."""
+    positions = torch.arange(chunk.context - chunk.size, chunk.context, device=device)[:, None]
+    return torch.arange(chunk.context, device=device)[None, :] <= positions
+
+
+def with_causal_mask(chunk: PromptChunk, device: torch.device) -> PromptChunk:
+    if chunk.size == chunk.context:
+        return chunk
+    return replace(chunk, causal_mask=causal_mask(chunk, device))
+
+
 def chunk_group(chunks: list[PromptChunk], device: torch.device) -> ChunkGroup:
-    longest_chunk = max(chunk.end - chunk.start for chunk in chunks)
-    longest_context = max(chunk.kv_index.numel() for chunk in chunks)
+    longest_chunk = max(chunk.size for chunk in chunks)
+    longest_context = max(chunk.context for chunk in chunks)
     kv_index = torch.full((len(chunks), longest_context), PADDING_SLOT, dtype=torch.long, device=device)
     mask = torch.zeros(len(chunks), 1, longest_chunk, longest_context, dtype=torch.bool, device=device)
     mask[:, :, :, 0] = True  # padded query rows see one slot, so their (discarded) output is not NaN
     token_index, padded_index = [], []
     for row, chunk in enumerate(chunks):
-        size, context = chunk.end - chunk.start, chunk.kv_index.numel()  # the chunk ends its context
-        kv_index[row, :context] = chunk.kv_index
-        positions = torch.arange(context - size, context, device=device)[:, None]
-        mask[row, 0, :size, :context] = torch.arange(context, device=device)[None, :] <= positions
+        kv_index[row, : chunk.context] = chunk.kv_index
+        mask[row, 0, : chunk.size, : chunk.context] = causal_mask(chunk, device)
         token_index += range(chunk.start, chunk.end)
-        padded_index += range(row * longest_chunk, row * longest_chunk + size)
+        padded_index += range(row * longest_chunk, row * longest_chunk + chunk.size)
     return ChunkGroup(
         token_index=torch.tensor(token_index, device=device),
         padded_index=torch.tensor(padded_index, device=device),

@@ -21,7 +21,7 @@ import torch
 
 from metrics import SchedulerMetrics
 
-from .kv_cache import BLOCK_SIZE, PADDING_BLOCK, CacheFull, PagedKVCache, block_hashes
+from .kv_cache import BLOCK_SIZE, PADDING_SLOT, CacheFull, PagedKVCache, block_hashes
 from .paged_attention import PromptChunk, StepPlan, group_chunks
 from .sampling import RowSampling, choose_tokens, seeded_generator
 
@@ -288,7 +288,7 @@ class BatchScheduler:
             writes.append(sequence.slots[start:end])
             # Slots live on the CPU (cheap to slice per step); attention indexes the cache on its device.
             kv_index = sequence.slots[:end].to(self._device)
-            chunks.append(PromptChunk(offset, offset + end - start, kv_index, self._chunk_mask(start, end)))
+            chunks.append(PromptChunk(offset, offset + end - start, kv_index))
             if end == sequence.prompt_length:
                 sampled.append(sequence)
                 keep.append(offset + end - start - 1)
@@ -316,23 +316,17 @@ class BatchScheduler:
         self.steps += 1
         self._metrics.step_sequences.observe(len(decoders) + len(prefilling))
         for sequence, chunk in zip(prefilling, chunks):
-            sequence.computed = chunk.kv_index.numel()
+            sequence.computed = chunk.context
             if sequence.decoding:
                 self._cache.remember_prompt(sequence.blocks, sequence.hashes, sequence.request.prompt_ids)
         for sequence in decoders:
             sequence.computed += 1
         self._emit(sampled, choose_tokens(logits, [s.sampling for s in sampled]))
 
-    def _chunk_mask(self, start: int, end: int) -> torch.Tensor | None:
-        if start == 0:
-            return None
-        queries = torch.arange(start, end, device=self._device)[:, None]
-        return torch.arange(end, device=self._device)[None, :] <= queries
-
     def _decode_layout(self, decoders: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([s.computed + 1 for s in decoders])
         longest = int(lengths.max())
-        index = torch.full((len(decoders), longest), PADDING_BLOCK * BLOCK_SIZE, dtype=torch.long)
+        index = torch.full((len(decoders), longest), PADDING_SLOT, dtype=torch.long)
         for row, sequence in enumerate(decoders):
             index[row, : sequence.computed + 1] = sequence.slots[: sequence.computed + 1]
         mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]

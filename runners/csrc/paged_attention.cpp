@@ -8,8 +8,9 @@
 // A sequence's result depends only on its own query and cache: never on the others in the batch.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <immintrin.h>
 #include <torch/extension.h>
+
+#include "avx2.h"
 
 #include <algorithm>
 #include <vector>
@@ -18,13 +19,6 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = 8;
-
-inline float horizontal_sum(__m256 v) {
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  half = _mm_add_ss(half, _mm_movehdup_ps(half));
-  return _mm_cvtss_f32(half);
-}
 
 // Replaces each score by exp(score - max) and returns their sum.
 inline float exponentiate(float* scores, int64_t count, float max) {

@@ -8,8 +8,9 @@
 // over k in steps of 8, a masked step for the K % 8 tail, one fixed horizontal sum, then bias.
 // So a row's result does not depend on the rows batched with it.
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/extension.h>
+
+#include "avx2.h"
 
 #include <algorithm>
 
@@ -20,13 +21,6 @@ namespace {
 constexpr int kFeaturesPerTile = 3;
 constexpr int kRowsPerTile = 4;
 constexpr int64_t kFloatsPerLine = 16;
-
-inline float horizontal_sum(__m256 v) {
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  half = _mm_add_ss(half, _mm_movehdup_ps(half));
-  return _mm_cvtss_f32(half);
-}
 
 struct Problem {
   const float* x;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -10,8 +11,6 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import aiohttp
-import anyio
-import httpx
 
 from domain import (
     EngineUnavailableError,
@@ -28,10 +27,11 @@ from domain import (
 
 STREAM_ROUTE = "/stream_text"
 T = TypeVar("T")
-# How a call fails when the engine process is gone: BentoML's proxy speaks aiohttp, our stream httpx.
-ENGINE_UNREACHABLE = (aiohttp.ClientConnectionError, httpx.TransportError)
-# A kept-alive connection the engine closes as it is reused fails before the engine read the request.
-STALE_CONNECTION = (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# How a call fails when the engine process is gone (BentoML's proxy and our stream both speak aiohttp).
+ENGINE_UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+# A kept-alive connection the engine closes as it is reused fails before the engine read the request:
+# a disconnect, or a reset or broken pipe as the request is written.
+STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Below the engine's keep-alive (uvicorn's 5 s), so the client drops an idle connection before the server does.
 STREAM_KEEPALIVE_S = 2.0
 
@@ -73,7 +73,7 @@ class EngineClient(ModelRepository, SystemMonitor):
     def __init__(self, engine: Any, timeout_s: float = 120.0) -> None:
         self._engine = engine
         self._timeout_s = timeout_s
-        self._stream_http: httpx.AsyncClient | None = None
+        self._stream_http: aiohttp.ClientSession | None = None
 
     async def load_model(self, model_id: str, device: str = "auto") -> Model:
         return Model.from_dict(await unwrap(lambda: self._engine.load_model(model_id=model_id, device=device)))
@@ -119,37 +119,37 @@ class EngineClient(ModelRepository, SystemMonitor):
                     yield chunk
             return
         # BentoML's proxy never closes a stream its reader leaves early (1.4.39): the engine would go on
-        # generating for nobody. This connection is ours and is closed, shielded from the anyio scope
-        # that cancels a streaming response (which would cancel the close too).
+        # generating for nobody. This connection is ours, and closing it is synchronous, so the anyio
+        # scope that cancels a streaming response cannot skip it.
         http = self._stream_http or self._open_stream_http(remote.url)
-        response = await once_more_if_stale(
-            lambda: http.send(http.build_request("POST", STREAM_ROUTE, json=request), stream=True)
-        )
+        response = await once_more_if_stale(lambda: http.post(STREAM_ROUTE, json=request))
         try:
-            if response.is_error:
-                body = (await response.aread()).decode(errors="replace")
-                raise GenerationError(f"the engine answered {response.status_code}: {body}")
-            async for chunk in response.aiter_text():
-                yield chunk
+            if response.status >= 400:
+                body = (await response.read()).decode(errors="replace")
+                raise GenerationError(f"the engine answered {response.status}: {body}")
+            text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            async for chunk in response.content.iter_any():
+                yield text.decode(chunk)
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            # A response read to its end already gave its connection back to the pool; one left
+            # early closes it here, which is how the engine learns to stop generating.
+            response.close()
 
-    def _open_stream_http(self, url: str) -> httpx.AsyncClient:
+    def _open_stream_http(self, url: str) -> aiohttp.ClientSession:
         address = urlparse(url)
-        limits = httpx.Limits(keepalive_expiry=STREAM_KEEPALIVE_S)
         if address.scheme == "file":
-            transport = httpx.AsyncHTTPTransport(uds=url2pathname(address.path), limits=limits)
+            connector = aiohttp.UnixConnector(path=url2pathname(address.path), keepalive_timeout=STREAM_KEEPALIVE_S, limit=0)
             base_url = "http://engine"
         else:
-            transport = httpx.AsyncHTTPTransport(limits=limits)
+            connector = aiohttp.TCPConnector(keepalive_timeout=STREAM_KEEPALIVE_S, limit=0)
             base_url = f"http://{address.netloc}" if address.scheme == "tcp" else url
-        self._stream_http = httpx.AsyncClient(transport=transport, base_url=base_url, timeout=self._timeout_s)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout_s, sock_read=self._timeout_s)
+        self._stream_http = aiohttp.ClientSession(base_url=base_url, connector=connector, timeout=timeout)
         return self._stream_http
 
     async def close(self) -> None:
         if self._stream_http is not None:
-            await self._stream_http.aclose()
+            await self._stream_http.close()
 
     async def memory_usage(self) -> dict[str, Any]:
         return await unwrap(self._engine.memory_usage)

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from serving import ROOT, percentile, short_request, start_service, stop_service
 
@@ -68,16 +68,16 @@ class Cell:
         return percentile([r.ttft_s for r in self.ok()], q)
 
 
-async def one_request(client: httpx.AsyncClient, body: dict) -> Result:
+async def one_request(session: aiohttp.ClientSession, body: dict) -> Result:
     started = time.perf_counter()
     first = None
     try:
-        async with client.stream("POST", "/generate/stream", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
+        async with session.post("/generate/stream", json=body) as response:
+            if response.status != 200:
+                await response.read()
                 return Result(time.perf_counter() - started, 0.0, 0, 0, False)
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
+            async for line in response.content:  # one server-sent-event line at a time
+                if not line.startswith(b"data: "):
                     continue
                 event = json.loads(line[6:])
                 if "text" in event and first is None:
@@ -87,9 +87,17 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> Result:
                 if event.get("done"):
                     end = time.perf_counter()
                     return Result(end - started, (first or end) - started, event["completion_tokens"], event["prompt_tokens"], True)
-    except httpx.HTTPError:
+    except aiohttp.ClientError:
         pass
     return Result(time.perf_counter() - started, 0.0, 0, 0, False)
+
+
+def client_session(url: str, connections: int = 0) -> aiohttp.ClientSession:
+    """aiohttp: on a 2-core machine the load generator shares the CPU with the service, and with
+    httpx this client took twice the CPU (0.82 against 0.41 s for 264 streamed requests)."""
+    return aiohttp.ClientSession(
+        base_url=url, timeout=aiohttp.ClientTimeout(total=600), connector=aiohttp.TCPConnector(limit=connections)
+    )
 
 
 async def run_cell(url: str, case: str, concurrency: int, count: int, mode: str, seed: int) -> Cell:
@@ -98,12 +106,11 @@ async def run_cell(url: str, case: str, concurrency: int, count: int, mode: str,
     bodies = [make(rng) for _ in range(count)]
     cell = Cell(case, concurrency, mode)
     gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with client_session(url, concurrency + 4) as session:
 
         async def gated(body: dict) -> Result:
             async with gate:
-                return await one_request(client, body)
+                return await one_request(session, body)
 
         started = time.perf_counter()
         cell.results = await asyncio.gather(*(gated(body) for body in bodies))
@@ -117,11 +124,11 @@ async def short_while_long(url: str, long_concurrency: int, long_count: int, pro
     probe_latencies: list[float] = []
     long_task = asyncio.create_task(run_cell(url, "long", long_concurrency, long_count, "", seed))
     await asyncio.sleep(2.0)  # let the long requests fill the batch
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with client_session(url) as session:
         for _ in range(probes):
             if long_task.done():
                 break
-            result = await one_request(client, short_request(rng))
+            result = await one_request(session, short_request(rng))
             if result.ok:
                 probe_latencies.append(result.latency_s)
     return await long_task, probe_latencies

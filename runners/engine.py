@@ -50,13 +50,7 @@ def require_in_store(model_id: str) -> str:
     return model_id
 
 
-# No access log of its own: every call to it is a hop of an API request, which the API's log already has.
-@bentoml.service(
-    name="generation-engine",
-    workers=1,
-    traffic={"timeout": int(settings.max_generation_time) + 60},
-    logging={"access": {"enabled": False}},
-)
+@bentoml.service(name="generation-engine", workers=1, traffic={"timeout": int(settings.max_generation_time) + 60})
 class GenerationEngine:
     # Referenced at class scope so that `bentoml build` packs the default model into the Bento.
     default_model = bentoml.models.BentoModel(require_in_store(settings.default_model_id))

@@ -137,8 +137,11 @@ class EngineClient(ModelRepository, SystemMonitor):
 
     def _open_stream_http(self, url: str) -> aiohttp.ClientSession:
         address = urlparse(url)
+        # limit=0: no cap on connections; the engine's queue bounds the streams, a cap would queue them here.
         if address.scheme == "file":
-            connector = aiohttp.UnixConnector(path=url2pathname(address.path), keepalive_timeout=STREAM_KEEPALIVE_S, limit=0)
+            connector = aiohttp.UnixConnector(
+                path=url2pathname(address.path), keepalive_timeout=STREAM_KEEPALIVE_S, limit=0
+            )
             base_url = "http://engine"
         else:
             connector = aiohttp.TCPConnector(keepalive_timeout=STREAM_KEEPALIVE_S, limit=0)

@@ -30,7 +30,8 @@ T = TypeVar("T")
 # How a call fails when the engine process is gone (BentoML's proxy and our stream both speak aiohttp).
 ENGINE_UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 # A kept-alive connection the engine closes as it is reused fails before the engine read the request:
-# a disconnect, or a reset or broken pipe as the request is written.
+# a disconnect, or a reset or broken pipe as the request is written. (ClientOSError also covers a
+# refused connection; trying that once more costs nothing.)
 STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Below the engine's keep-alive (uvicorn's 5 s), so the client drops an idle connection before the server does.
 STREAM_KEEPALIVE_S = 2.0

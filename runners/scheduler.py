@@ -299,12 +299,11 @@ class BatchScheduler:
             decode_count=len(decoders),
             decode_kv_index=None,
             decode_lengths=None,
-            decode_mask=None,
             chunks=single_chunks,
             chunk_groups=chunk_groups,
         )
         if decoders:
-            plan.decode_kv_index, plan.decode_lengths, plan.decode_mask = self._decode_layout(decoders)
+            plan.decode_kv_index, plan.decode_lengths = self._decode_layout(decoders)
         logits = self._model(
             input_ids=torch.tensor([tokens], device=self._device),
             position_ids=torch.tensor([positions], device=self._device),
@@ -323,14 +322,13 @@ class BatchScheduler:
             sequence.computed += 1
         self._emit(sampled, choose_tokens(logits, [s.sampling for s in sampled]))
 
-    def _decode_layout(self, decoders: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _decode_layout(self, decoders: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([s.computed + 1 for s in decoders])
         longest = int(lengths.max())
         index = torch.full((len(decoders), longest), PADDING_SLOT, dtype=torch.long)
         for row, sequence in enumerate(decoders):
             index[row, : sequence.computed + 1] = sequence.slots[: sequence.computed + 1]
-        mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
-        return index.to(self._device), lengths.to(self._device), mask.to(self._device)
+        return index.to(self._device), lengths.to(self._device)
 
     def _emit(self, sequences: list[Sequence], token_ids: list[int]) -> None:
         now = time.monotonic()

@@ -82,8 +82,7 @@ def test_paged_decode_attention_refuses_what_it_cannot_read(kernel, change, mess
 
 def test_the_engine_decodes_through_the_kernel_and_falls_back_to_sdpa_alike(kernel, monkeypatch):
     queries, keys, values, slots, lengths = decode_problem(9, 3, 64, [5, 84, 17])
-    mask = (torch.arange(slots.shape[1])[None, :] < lengths[:, None])[:, None, None, :]
-    plan = StepPlan(None, torch.empty(0), len(lengths), slots, lengths, mask, [], [])
+    plan = StepPlan(None, torch.empty(0), len(lengths), slots, lengths, [], [])
     calls = []
     monkeypatch.setattr(kernel, "paged_decode_attention", lambda *args: calls.append(args) or torch.zeros(1), raising=False)
 

@@ -39,8 +39,11 @@ def response_key(model_id: str, prompt: Prompt, params: GenerationParams) -> str
         for parameter in fields(params)
         if parameter.name not in PARAMS_NOT_IN_KEY and getattr(params, parameter.name) != _default_of(parameter)
     }
+    identity = {"model_id": model_id, "messages": prompt.to_list(), "params": deciding}
+    if prompt.text is not None:  # a raw completion's text; chat prompts keep the keys they always had
+        identity["text"] = prompt.text
     canonical = json.dumps(
-        {"model_id": model_id, "messages": prompt.to_list(), "params": deciding},
+        identity,
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),

@@ -12,6 +12,7 @@ import pytest
 
 from domain import (
     ChatMessage,
+    CompletePrompt,
     GenerateText,
     GenerateTextUseCase,
     Generation,
@@ -157,6 +158,13 @@ class TestResponseKey:
     def test_changes_with_everything_that_decides_the_text(self, model_id, prompt, params) -> None:
         assert response_key(model_id, prompt, params) != response_key(DEFAULT_MODEL_ID, PROMPT, GREEDY)
 
+    def test_raw_prompts_key_on_their_text(self) -> None:
+        once, twice = Prompt.raw("Once upon a time"), Prompt.raw("Twice upon a time")
+
+        assert response_key(DEFAULT_MODEL_ID, once, GREEDY) != response_key(DEFAULT_MODEL_ID, twice, GREEDY)
+        assert response_key(DEFAULT_MODEL_ID, once, GREEDY) == response_key(DEFAULT_MODEL_ID, Prompt.raw("Once upon a time"), GREEDY)
+        assert response_key(DEFAULT_MODEL_ID, Prompt.raw(""), GREEDY) != response_key(DEFAULT_MODEL_ID, Prompt(()), GREEDY)
+
     def test_ignores_the_timeout_which_bounds_the_time_and_not_the_text(self) -> None:
         shorter = dataclasses.replace(GREEDY, timeout_s=1.5)
 
@@ -266,6 +274,18 @@ class TestGenerateTextWithTheResponseCache:
 
         assert not any(answer.cached for answer in answers)
         assert len(repository.generations) == 4
+
+    def test_raw_completions_of_different_texts_get_their_own_answers(
+        self, cached_generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        load(service)
+
+        once, twice = (
+            run(cached_generate_text(CompletePrompt(prompt=Prompt.raw(text), temperature=0.0)))
+            for text in ("Once upon a time", "Twice upon a time")
+        )
+
+        assert not twice.cached and (once.text, twice.text) == ("Once upon a time", "Twice upon a time")
 
     def test_a_failed_generation_is_not_cached(
         self, cached_generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository,

@@ -28,10 +28,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 model: venv
 	$(BIN)/python scripts/import_model.py
 
-# Builds the CPU kernels (runners/kernels.py) now, so loading a model does not pay
+# Builds the CPU kernels (engine/layers/kernels.py) now, so loading a model does not pay
 # for them; where they cannot be built this only warns and the engine keeps F.linear and SDPA.
 kernel: venv
-	$(BIN)/python -c "from runners.kernels import load_kernels; load_kernels()"
+	$(BIN)/python -c "from engine.layers.kernels import load_kernels; load_kernels()"
 
 serve: setup
 	$(BIN)/bentoml serve service:AIModelService --host $(HOST) --port $(PORT)
@@ -58,4 +58,4 @@ dockerfile: venv
 	$(BIN)/python scripts/bento.py dockerfile $(if $(BENTO),--bento $(BENTO))
 
 clean:
-	rm -rf $(VENV) .bentoml .models .pytest_cache build
+	rm -rf $(VENV) .bentoml .models .pytest_cache .hypothesis .schemathesis .build build

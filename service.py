@@ -21,6 +21,9 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from adapters.drain import defer_sigterm, drain_limit_s
+from adapters.engine_client import ENGINE_UNREACHABLE, EngineClient
+from adapters.response_cache import response_cache_for
 from api.admission import AdmissionGate, AdmissionMiddleware
 from api.errors import openai_error_response, response_for
 from api.openai import GENERATION_PATHS as OPENAI_GENERATION_PATHS
@@ -42,10 +45,7 @@ from api.schemas import (
 from api.streaming import STREAM_EVENTS, cancel_on_disconnect, server_sent_events
 from api.validation import RequestValidationMiddleware
 from domain import Generation, GenerateText, GenerateTextUseCase, LoadModel, ModelService, OptimizeMemory, UnloadModel
-from runners.client import ENGINE_UNREACHABLE, EngineClient
-from runners.drain import defer_sigterm, drain_limit_s
-from runners.engine import GenerationEngine
-from runners.response_cache import response_cache_for
+from engine.service import GenerationEngine
 from settings import get_settings
 from tracing import trace_requests_not_messages
 

@@ -30,7 +30,7 @@ def validate_device(value: str) -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_file=None)
 
-    # The ten variables of the specification.
+    # The ten core variables: the deployment sets them (bentofile.yaml, deploy/) at these defaults.
     device_type: str = Field("auto", description=f"device for models: {DEVICE_NAMES}")
     cpu_threads: int = Field(4, ge=1, le=512, description="torch CPU threads in the engine")
     gpu_memory_fraction: float = Field(0.8, gt=0.0, le=1.0, description="share of GPU memory the engine may use")

@@ -51,7 +51,7 @@ class DeviceNotAvailableError(ModelServiceError):
 
 
 class InsufficientMemoryError(ModelServiceError):
-    """The spec's MemoryError, named so that it does not shadow the builtin."""
+    """Not enough memory to load a model. Not called MemoryError, so that it does not shadow the builtin."""
 
     error_type = "insufficient_memory"
 

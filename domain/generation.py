@@ -38,6 +38,13 @@ class Prompt:
     def from_list(cls, messages: list[dict[str, str]]) -> Prompt:
         return cls(tuple(ChatMessage(**message) for message in messages))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"messages": self.to_list(), "text": self.text}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Prompt:
+        return cls(cls.from_list(data["messages"]).messages, data["text"])
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -51,6 +58,14 @@ class GenerationParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
+        """The params as to_dict gave them, after a trip through JSON (which turns `stop` into a list)."""
+        return cls(**{**data, "stop": tuple(data.get("stop", ()))})
 
     @property
     def deterministic(self) -> bool:

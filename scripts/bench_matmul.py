@@ -1,6 +1,6 @@
 """Why batched decoding costs what it does on a CPU: one decoder layer stack's matrix products at
 a few rows (the decode batch), with the kernels torch offers for fp32 linear layers and ours
-(runners/fast_linear.py).
+(engine/layers/fast_linear.py).
 
     python scripts/bench_matmul.py            # SmolLM2-135M's 30 layers of shapes, 2 threads
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.mkldnn
 
-from runners.kernels import load_kernels
+from engine.layers.kernels import load_kernels
 
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 FUSED_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # q|k|v and gate|up in one matrix each

@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/bench_metrics.py --steps 1000 --batch 32 --turnover 4
 
-Each step makes the updates `runners/scheduler.py` makes: the occupancy gauges, the step histogram,
+Each step makes the updates the scheduler (`engine/core/scheduler.py`) makes: the occupancy gauges, the step histogram,
 a timestamp per row, and for `--turnover` sequences joining and as many leaving, their queue wait,
 prompt tokens, first token, generated tokens and time per token. Rounds with and without the
 updates alternate, so machine drift falls on both alike.

@@ -94,9 +94,10 @@ def main() -> None:
     import torch
 
     from domain import GenerationParams
-    from runners.memory import MemoryLimits, release_freed_memory
-    from runners.repository import BatchingOptions, TransformersModelRepository
-    from runners.store import BentoModelStoreCatalog
+    from engine.models.memory import MemoryLimits, release_freed_memory
+    from engine.models.loader import BatchingOptions
+    from engine.repository import TransformersModelRepository
+    from engine.models.catalog import BentoModelStoreCatalog
     from serving import short_request
     from settings import get_settings
 

@@ -20,7 +20,7 @@ import bentoml
 import httpx
 import pytest
 
-from runners.kernels import build_roots, cpu_has_avx2_fma
+from engine.layers.kernels import build_roots, cpu_has_avx2_fma
 from settings import Settings, get_settings
 from tests.conftest import ROOT
 

@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from runners.kernels import cpu_has_avx2_fma, load_kernels
-from runners.repository import TransformersModelRepository
+from engine.layers.kernels import cpu_has_avx2_fma, load_kernels
+from engine.repository import TransformersModelRepository
 from tests.redis_server import RedisServer
 
 from .support import ROOMY, TINY_QWEN_ID, DirectoryCatalog

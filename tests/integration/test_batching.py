@@ -18,10 +18,10 @@ from domain import (
     ModelUnloadingError,
     PromptBuilder,
 )
-from runners.generation import encode_prompt
-from runners.kv_cache import BLOCK_SIZE
-from runners.repository import BatchingOptions, TransformersModelRepository
-from runners.scheduler import SamplingRequest
+from engine.core.block_manager import BLOCK_SIZE
+from engine.models.loader import BatchingOptions
+from engine.repository import TransformersModelRepository
+from engine.core.sequence import FinishReason, SamplingRequest
 
 from .support import BUNDLED_MODEL_ID, QUANTIZATIONS, ROOMY, DirectoryCatalog
 
@@ -68,11 +68,11 @@ def batched(request, module_executor):
 
 
 def tokens_of(repository, prompt) -> list[int]:
-    return encode_prompt(repository.loaded(BUNDLED_MODEL_ID), prompt)
+    return repository.loaded(BUNDLED_MODEL_ID).encode(prompt)
 
 
 def scheduler_of(repository):
-    return repository.loaded(BUNDLED_MODEL_ID).scheduler
+    return repository.loaded(BUNDLED_MODEL_ID).core.scheduler
 
 
 async def wait_idle(repository, timeout_s: float = 5.0) -> float:
@@ -265,8 +265,7 @@ def test_a_vanishing_temperature_is_greedy_and_never_breaks_the_batch(batched, t
 def test_a_request_that_races_an_unload_ends_with_model_unloading_not_a_hang(module_executor):
     repository = engine(module_executor)
     loaded = repository.loaded(BUNDLED_MODEL_ID)
-    run(repository.unload_model(BUNDLED_MODEL_ID))  # the scheduler is stopped; `loaded` is stale
+    run(repository.unload_model(BUNDLED_MODEL_ID))  # the engine core is stopped; `loaded` is stale
     finished = []
-    loaded.scheduler.submit(SamplingRequest([1, 2, 3], 4, 0.0, time.monotonic() + 5), finished.append)
-    assert [event.reason for event in finished] == ["cancelled"]
-    assert finished[0].detail == "the model was unloaded"
+    loaded.core.submit(SamplingRequest([1, 2, 3], 4, 0.0, time.monotonic() + 5), finished.append)
+    assert [event.reason for event in finished] == [FinishReason.UNLOADED]

@@ -23,9 +23,9 @@ from domain import (
     ModelNotLoadedError,
     PromptBuilder,
 )
-from runners.memory import MemoryLimits, SystemMemory
-from runners.repository import TransformersModelRepository
-from runners.watchdog import MemoryWatchdog
+from engine.models.memory import MemoryLimits, SystemMemory
+from engine.repository import TransformersModelRepository
+from engine.models.watchdog import MemoryWatchdog
 
 from .support import BUNDLED_MODEL_ID, QUANTIZATIONS, ROOMY, TINY_QWEN_ID, DirectoryCatalog
 
@@ -226,7 +226,7 @@ def test_two_models_generate_at_the_same_time_each_in_its_own_batch(repository):
     smol, tiny, smol_again = run(both())
     assert "Paris" in smol.text and smol.text == smol_again.text
     assert tiny.model_id == TINY_QWEN_ID and tiny.completion_tokens >= 1
-    assert repository.loaded(BUNDLED_MODEL_ID).scheduler is not repository.loaded(TINY_QWEN_ID).scheduler
+    assert repository.loaded(BUNDLED_MODEL_ID).core is not repository.loaded(TINY_QWEN_ID).core
 
 
 def test_models_unused_for_the_idle_timeout_are_unloaded(repository):
@@ -246,7 +246,7 @@ def test_a_dead_scheduler_fails_its_requests_at_once_and_is_reported_until_reloa
     params = GenerationParams(max_new_tokens=8, temperature=0.0, timeout_s=60)
     prompt = PromptBuilder().build("test query", [])
     run(repository.load_model(TINY_QWEN_ID, "cpu"))
-    scheduler = repository.loaded(TINY_QWEN_ID).scheduler
+    scheduler = repository.loaded(TINY_QWEN_ID).core.scheduler
 
     def broken_admission() -> None:  # outside the guarded step: as a bug in the loop itself would
         raise RuntimeError("admission broke")

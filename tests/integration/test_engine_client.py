@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from domain import EngineUnavailableError, Generation, GenerationParams, Prompt
-from runners.client import STREAM_ROUTE, EngineClient
+from adapters.engine_client import STREAM_ROUTE, EngineClient
 
 PROMPT = Prompt.from_list([{"role": "user", "content": "hi"}])
 PARAMS = GenerationParams(max_new_tokens=4, temperature=0.0, timeout_s=10.0)
@@ -97,7 +97,8 @@ def test_streams_read_to_their_end_share_one_kept_alive_connection(tmp_path):
     assert first[0] == "Paris" and first[1].text == "Paris" and first[1].completion_tokens == 1
     assert second[0] == "Paris" and second[1].text == "Paris"
     assert [(connection, path) for connection, path, _ in engine.requests] == [(1, STREAM_ROUTE), (1, STREAM_ROUTE)]
-    assert engine.requests[0][2]["messages"] == PROMPT.to_list() and engine.requests[0][2]["max_new_tokens"] == 4
+    body = engine.requests[0][2]
+    assert Prompt.from_dict(body["prompt"]) == PROMPT and GenerationParams.from_dict(body["params"]) == PARAMS
 
 
 def test_a_stream_left_early_closes_its_connection_so_the_engine_stops(tmp_path):

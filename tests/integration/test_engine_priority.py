@@ -12,7 +12,7 @@ PROBE = """
 import json, os, threading, torch
 torch.set_num_threads(2)
 torch.ones(512, 512) @ torch.ones(512, 512)  # torch's worker threads exist before the call
-from runners.devices import ENGINE_NICENESS, yield_cpu_to_api_workers
+from engine.models.devices import ENGINE_NICENESS, yield_cpu_to_api_workers
 yield_cpu_to_api_workers()
 started_later = []
 worker = threading.Thread(target=lambda: started_later.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from runners.fast_linear import MAX_ROWS, SmallBatchLinear, accelerate
-from runners.kernels import load_kernels
+from engine.layers.fast_linear import MAX_ROWS, SmallBatchLinear, accelerate
+from engine.layers.kernels import load_kernels
 
 ROW_COUNTS = range(1, MAX_ROWS + 2)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runners import kernels, paged_attention
-from runners.fast_linear import accelerate
-from runners.kernels import SOURCES, load_kernels
-from runners.paged_attention import StepPlan, decode_attention
+from engine.layers import kernels, paged_attention
+from engine.layers.fast_linear import accelerate
+from engine.layers.kernels import SOURCES, load_kernels
+from engine.layers.paged_attention import StepPlan, decode_attention
 
 # (heads, kv heads, head dim): SmolLM2-135M, Qwen2.5-3B, plain multi-head, one KV head.
 SHAPES = [(9, 3, 64), (16, 2, 128), (4, 4, 64), (8, 1, 16)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runners.paged_attention import PromptChunk, group_chunks, grouped_chunk_attention
+from engine.layers.paged_attention import PromptChunk, group_chunks, grouped_chunk_attention
 
 HEADS, KV_HEADS, DIM, SLOTS = 9, 3, 64, 800
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from domain import GenerationParams, PromptBuilder
-from runners import quantization
-from runners.fast_linear import SmallBatchLinear
-from runners.memory import LOAD_OVERHEAD, estimate_footprint, release_freed_memory, weights_at_load
-from runners.quantization import Int8Linear, effective_quantization, quantize_linear_layers, resident_weights_bytes
-from runners.repository import BatchingOptions, TransformersModelRepository
+from engine.models import quantization
+from engine.layers.fast_linear import SmallBatchLinear
+from engine.models.memory import LOAD_OVERHEAD, estimate_footprint, release_freed_memory, weights_at_load
+from engine.models.quantization import Int8Linear, effective_quantization, quantize_linear_layers, resident_weights_bytes
+from engine.models.loader import BatchingOptions
+from engine.repository import TransformersModelRepository
 
 from .support import BUNDLED_MODEL_ID, ROOMY, DirectoryCatalog
 
@@ -146,7 +147,7 @@ def test_eight_concurrent_sequences_through_the_scheduler_keep_their_answers(int
         generations = await asyncio.gather(*(int8_engine.generate_text(BUNDLED_MODEL_ID, p, GREEDY) for p in prompts))
         return [generation.text for generation in generations]
 
-    steps_before = int8_engine.loaded(BUNDLED_MODEL_ID).scheduler.steps
+    steps_before = int8_engine.loaded(BUNDLED_MODEL_ID).core.scheduler.steps
     answers = run(together())
     for prompt, answer in zip(prompts, answers):
         if prompt is FRANCE:
@@ -156,4 +157,4 @@ def test_eight_concurrent_sequences_through_the_scheduler_keep_their_answers(int
         else:
             assert "Oliver" in answer
     # Batched: twelve tokens each for eight sequences took far fewer than 8 x 12 steps.
-    assert int8_engine.loaded(BUNDLED_MODEL_ID).scheduler.steps - steps_before < 40
+    assert int8_engine.loaded(BUNDLED_MODEL_ID).core.scheduler.steps - steps_before < 40

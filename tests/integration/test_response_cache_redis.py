@@ -12,8 +12,8 @@ from prometheus_client import REGISTRY
 
 from domain import Generation, response_key
 from domain.generation import ChatMessage, GenerationParams, Prompt
-from runners import response_cache
-from runners.response_cache import CountedResponseCache, RedisResponseCache, response_cache_for
+from adapters import response_cache
+from adapters.response_cache import CountedResponseCache, RedisResponseCache, response_cache_for
 from settings import Settings
 from tests.redis_server import RedisServer
 

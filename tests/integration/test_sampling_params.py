@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from domain import Generation, GenerationParams, Prompt, PromptBuilder
-from runners.generation import IncrementalDecoder
-from runners.repository import BatchingOptions, TransformersModelRepository
-from runners.sampling import RowSampling, choose_tokens, draw, keep_nucleus, seeded_generator
+from engine.core.detokenizer import IncrementalDecoder
+from engine.models.loader import BatchingOptions
+from engine.repository import TransformersModelRepository
+from engine.core.sampling import RowSampling, choose_tokens, draw, keep_nucleus, seeded_generator
 
 from .support import BUNDLED_MODEL_ID, ROOMY, DirectoryCatalog
 

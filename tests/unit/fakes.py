@@ -5,10 +5,13 @@ Each fake subclasses the real abstract port, so a port that grows a method break
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 
+from engine.core.engine_core import StepRunner
+from engine.core.scheduler import ScheduledStep
 from domain import (
     CatalogEntry,
     GenerationLimits,
@@ -166,3 +169,37 @@ DEFAULT_MODEL_ID = "default-model"
 TEST_MODEL_ID = "test-model"
 SYSTEM_PROMPT = "You are a test assistant."
 LIMITS = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30.0)
+
+
+EOS = 2  # the end-of-sequence token of the scheduler's unit tests
+
+
+class ScriptedRunner(StepRunner):
+    """Answers each prompt with the tokens scripted for it (then FILLER), and keeps every step it ran.
+    `fail_with` makes the next steps raise it; `fatal` says whether that error is fatal;
+    `step_s` is how long a step takes."""
+
+    FILLER = 1
+
+    def __init__(self, script: dict[tuple[int, ...], list[int]] | None = None) -> None:
+        self._script = script or {}
+        self.steps: list[ScheduledStep] = []
+        self.forgotten: set[int] = set()
+        self.fail_with: Exception | None = None
+        self.fatal = False
+        self.step_s = 0.0
+
+    def execute(self, step: ScheduledStep) -> list[int]:
+        self.steps.append(step)
+        self.forgotten.update(step.finished_ids)
+        time.sleep(self.step_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [self._next_token(sequence.request.prompt_ids, len(sequence.output_ids)) for sequence in step.sampled]
+
+    def is_fatal(self, error: Exception) -> bool:
+        return self.fatal
+
+    def _next_token(self, prompt_ids: list[int], generated: int) -> int:
+        answer = self._script.get(tuple(prompt_ids), [])
+        return answer[generated] if generated < len(answer) else self.FILLER

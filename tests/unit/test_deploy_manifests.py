@@ -1,4 +1,4 @@
-"""deploy/: every file valid against its official schema, and consistent with the settings and the specification.
+"""deploy/: every file valid against its official schema, and consistent with the settings and the production deployment.
 
 Kubernetes manifests are checked against the Kubernetes JSON schemas that `kubernetes-validate`
 bundles (strict: an unknown field fails), compose.yaml against the compose-spec schema that
@@ -28,7 +28,7 @@ COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"
 # The oldest cluster version the manifests are for, and the newest whose schemas are bundled.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 
-# The specification: the service on port 8003; memory limit 14G, 4 CPUs; reservation 12G, 2 CPUs.
+# The production deployment: the service on port 8003; memory limit 14G, 4 CPUs; reservation 12G, 2 CPUs.
 SPEC_PORT = 8003
 GIB = 2**30
 SPEC_LIMITS = {"memory": 14 * GIB, "cpu": 4.0}

@@ -238,6 +238,18 @@ def test_a_raw_prompt_has_text_and_no_messages():
     assert Prompt.from_list([{"role": "user", "content": "hi"}]).text is None
 
 
+@pytest.mark.parametrize(
+    "prompt", [Prompt.raw("Once upon a time"), Prompt.from_list([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])]
+)
+def test_a_prompt_and_its_params_cross_to_the_engine_through_json_unchanged(prompt):
+    params = GenerationParams(12, 0.7, 30.0, top_p=0.9, stop=("\n", "END"), seed=-3)
+
+    crossed_prompt, crossed_params = json.loads(json.dumps([prompt.to_dict(), params.to_dict()]))
+
+    assert Prompt.from_dict(crossed_prompt) == prompt
+    assert GenerationParams.from_dict(crossed_params) == params
+
+
 def test_limits_pass_top_p_stop_and_seed_through_with_neutral_defaults():
     limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
     params = limits.params_for(None, 0.8, top_p=0.5, stop=("\n", "END"), seed=-7)

@@ -19,7 +19,7 @@ from tests.unit.fakes import (
 
 
 def test_load_model_on_cpu_gives_a_loaded_model_on_cpu(service: ModelService) -> None:
-    """The specification's unit test."""
+    """Loading `test-model` on `cpu` gives a loaded model on the CPU."""
     model = asyncio.run(service.load_model(LoadModel("test-model", "cpu")))
 
     assert model.is_loaded is True

@@ -1,4 +1,6 @@
-"""The domain, the HTTP helpers, the settings and these unit tests import without torch, transformers or bentoml."""
+"""Import boundaries. The domain, the HTTP helpers, the settings, the engine's scheduling core and
+these unit tests import without torch, transformers or bentoml; the whole API process imports
+without torch or transformers (they belong to the engine process)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY_MODULES = ("torch", "transformers", "bentoml")
+ENGINE_ONLY_MODULES = ("torch", "transformers")
 UNIT_TEST_MODULES = sorted(f"tests.unit.{path.stem}" for path in Path(__file__).parent.glob("*.py"))
 
 
-def run_without_heavy_modules(code: str) -> subprocess.CompletedProcess:
-    """Runs `code` in a fresh interpreter where importing torch, transformers or bentoml fails."""
-    blocker = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in HEAVY_MODULES)
+def run_without_heavy_modules(code: str, blocked: tuple[str, ...] = HEAVY_MODULES) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter where importing any of `blocked` fails."""
+    blocker = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in blocked)
     return subprocess.run(
         [sys.executable, "-c", blocker + textwrap.dedent(code)],
         cwd=ROOT,
@@ -44,10 +47,31 @@ def test_the_blocker_really_blocks() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["domain", "api.errors", "api.schemas", "api.validation", "api.openai", "api.openai_schemas", "settings", "metrics"]
-)
+    "module",
+    [
+        "domain", "api.errors", "api.schemas", "api.validation", "api.openai", "api.openai_schemas", "settings", "metrics",
+        "engine.core.sequence", "engine.core.block_manager", "engine.core.scheduler", "engine.core.engine_core",
+        "engine.core.loop_bridge", "adapters.engine_client", "adapters.response_cache", "adapters.drain",
+    ],
+)  # fmt: skip
 def test_imports_without_torch_transformers_or_bentoml(module: str) -> None:
     result = run_without_heavy_modules(f"import {module}")
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_api_process_imports_without_torch_or_transformers() -> None:
+    """service.py is what each API worker imports: its adapters, and the engine service class that
+    `bentoml.depends` names, must leave torch and transformers to the engine process."""
+    result = run_without_heavy_modules(
+        """
+        import sys
+        import service
+        loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("engine", "adapters", "api"))
+        assert "engine.service" in loaded and "adapters.engine_client" in loaded, loaded
+        """,
+        blocked=ENGINE_ONLY_MODULES,
+    )
 
     assert result.returncode == 0, result.stderr
 

@@ -7,7 +7,6 @@ domain errors cross the process boundary intact and become the right HTTP status
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -17,11 +16,12 @@ from typing import Any
 
 import bentoml
 
+from adapters.drain import defer_sigterm, drain_limit_s
 from domain import Generation, GenerationParams, ModelServiceError, Prompt
 from settings import ConfigurationError, get_settings
 
-from .drain import defer_sigterm, drain_limit_s
-from .store import BentoModelStoreCatalog
+from .core.loop_bridge import off_loop
+from .models.catalog import BentoModelStoreCatalog
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
@@ -58,10 +58,11 @@ class GenerationEngine:
     def __init__(self) -> None:
         # Imported here, not at the top: the API workers import this module for `bentoml.depends`
         # and need neither torch nor transformers.
-        from . import memory
-        from .devices import configure_torch, yield_cpu_to_api_workers
-        from .repository import BatchingOptions, TransformersModelRepository
-        from .watchdog import MemoryWatchdog
+        from .models import memory
+        from .models.devices import configure_torch, yield_cpu_to_api_workers
+        from .models.loader import BatchingOptions
+        from .models.watchdog import MemoryWatchdog
+        from .repository import TransformersModelRepository
 
         yield_cpu_to_api_workers()
         self.memory = memory
@@ -138,26 +139,13 @@ class GenerationEngine:
         return await reply(models())
 
     @bentoml.api
-    async def stream_text(
-        self,
-        model_id: str,
-        messages: list[dict[str, str]],
-        max_new_tokens: int,
-        temperature: float,
-        timeout_s: float,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        prompt_text: str | None = None,
-    ) -> AsyncGenerator[str, None]:
+    async def stream_text(self, model_id: str, prompt: dict[str, Any], params: dict[str, Any]) -> AsyncGenerator[str, None]:
         """Newline-delimited JSON: `{"text"}` as tokens come, then `{"generation"}`, or `{"error", "error_type"}`.
-        `prompt_text`, when given, is raw text to continue instead of the chat `messages`.
+        `prompt` and `params` are the domain's Prompt and GenerationParams as their to_dict gives them.
 
         When the caller disconnects, BentoML closes this generator and the sequence leaves its batch."""
-        params = GenerationParams(max_new_tokens, temperature, timeout_s, top_p, tuple(stop or ()), seed)
-        prompt = Prompt.raw(prompt_text) if prompt_text is not None else Prompt.from_list(messages)
         try:
-            async for item in self.repository.stream_text(model_id, prompt, params):
+            async for item in self.repository.stream_text(model_id, Prompt.from_dict(prompt), GenerationParams.from_dict(params)):
                 message = {"generation": item.to_dict()} if isinstance(item, Generation) else {"text": item}
                 yield json.dumps(message) + "\n"
         except ModelServiceError as error:
@@ -165,20 +153,17 @@ class GenerationEngine:
 
     @bentoml.api
     async def memory_usage(self) -> Reply:
-        return await reply(self._in_executor(self.memory.process_memory))
+        return await reply(off_loop(self.executor, self.memory.process_memory))
 
     @bentoml.api
     async def optimize_memory(self) -> Reply:
-        return await reply(self._in_executor(self.memory.release_freed_memory))
+        return await reply(off_loop(self.executor, self.memory.release_freed_memory))
 
     @bentoml.api
     async def system_info(self) -> Reply:
         return await reply(
-            self._in_executor(lambda: self.memory.system_info(settings.max_workers, settings.max_processes, settings.cpu_threads))
+            off_loop(self.executor, lambda: self.memory.system_info(settings.max_workers, settings.max_processes, settings.cpu_threads))
         )
-
-    async def _in_executor(self, work) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
     @staticmethod
     async def _model_dict(operation: Awaitable) -> dict:

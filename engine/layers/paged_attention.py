@@ -8,8 +8,8 @@ similar size share one padded call (ChunkGroup), any other has its own. Models k
 projections, rotary embeddings and MLPs; only attention is ours.
 
 On the CPU in fp32 the decoding tokens' call is the engine's kernel (csrc/paged_attention.cpp),
-which reads keys and values in place: gathering them into padded tensors for SDPA cost more than
-the attention itself (at 22 sequences of 84 tokens, 0.32 ms a layer against 0.11).
+which reads keys and values in place: gathering them into padded tensors for SDPA costs more than
+the attention itself (BENCHMARKS.md, the decode attention kernel).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..core.block_manager import PADDING_SLOT
+from ..core.kv_cache import PagedKVCache
 from .kernels import load_kernels
-from .kv_cache import PADDING_SLOT, PagedKVCache
 
 IMPLEMENTATION = "engine_paged"
 
@@ -49,8 +50,8 @@ class PromptChunk:
 
 @dataclass
 class ChunkGroup:
-    """Prompt chunks attended in one padded call: one call costs less than several small ones
-    (4 chunks of about 18 tokens over 80: 0.16 ms a layer against 0.28) while padding stays small."""
+    """Prompt chunks attended in one padded call: one call costs less than several small ones while
+    padding stays small (GROUP_PADDING_LIMIT)."""
 
     token_index: torch.Tensor  # [tokens]: where the group's tokens lie in the step's flat row
     padded_index: torch.Tensor  # [tokens]: where each lies in the padded [chunks * longest chunk] queries

@@ -3,13 +3,12 @@
 Each weight row (output channel) gets its own scale, and so does each input row at every call;
 the int8 product accumulates exactly in int32 (torch._int_mm), then the two scales bring it back
 to float32. This is the scheme of torchao's Int8DynamicActivationInt8WeightConfig, without torchao
-(a new dependency whose CPU int8 paths measured several times slower here). torch.ao's quantize_dynamic was
-measured and not used: it gives the whole input one scale, so a row's result depends on the other
-rows of the batch step, and on SmolLM2 it changed 6 of 8 greedy test answers, verdicts included
-(a scale per row: 4, in wording only). A row's int8 product does not depend on the other rows, but
-rounding to int8 magnifies the float differences that a batch's make-up already causes in
-attention (chunk boundaries, padding): batched greedy answers can differ from lone ones where
-float32's do not (6 of 24 test answers differed in wording, none in verdict).
+(a new dependency whose CPU int8 paths were slower). Not torch.ao's quantize_dynamic: it gives
+the whole input one scale, so a row's result would depend on the other rows of the batch step.
+A row's int8 product does not depend on the other rows, but rounding to int8 magnifies the float
+differences that a batch's make-up already causes in attention (chunk boundaries, padding):
+batched greedy answers can differ from lone ones in wording where float32's do not. Figures in
+BENCHMARKS.md, "Quantization".
 
 The embeddings stay float32; a tied lm_head becomes an int8 copy of them. CUDA and MPS loads
 ignore the setting with a warning and keep their dtype (bfloat16 by default, already half size).
@@ -91,8 +90,8 @@ def quantize_linear_layers(model: torch.nn.Module) -> int:
 
 def _copy_off_the_weights_file(model: torch.nn.Module) -> None:
     """transformers maps the weights file into memory, and the mapping, with every page that
-    quantizing read, stays while any tensor still reads from it (measured: 500 MB of SmolLM2's
-    file held by its embeddings and norms). Copies of the float tensors left let it go."""
+    quantizing read, stays while any tensor still reads from it (the embeddings and norms hold most
+    of the file). Copies of the float tensors left let it go."""
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
             if tensor.is_floating_point():

@@ -1,8 +1,8 @@
 """fp32 linear layers on the CPU for decode batches of a few rows (csrc/small_linear.cpp).
 
-MKL's sgemm is slow for a handful of rows: at 8 rows a step's matrix products cost about twice
-those at 1 row, though both read the same weights. The kernel reads each weight once per call
-and uses it for every row, so up to MAX_ROWS rows cost little more than one. Where the kernels
+MKL's sgemm is slow for a handful of rows: a few rows cost far more than one, though both read
+the same weights. The kernel reads each weight once per call and uses it for every row, so up to
+MAX_ROWS rows cost little more than one. Where the kernels
 cannot be built (kernels.py) layers keep F.linear.
 """
 
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from .kernels import load_kernels
 
-# Measured with scripts/bench_matmul.py: the kernel takes 0.63x F.linear's time at 8 rows, 0.87x at 24
-# and about 1.0x at 32 over SmolLM2-135M's matrices.
+# Past this many rows the kernel no longer beats F.linear (scripts/bench_matmul.py; BENCHMARKS.md,
+# "The small-row kernel").
 MAX_ROWS = 24
 
 

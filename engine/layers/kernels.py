@@ -31,7 +31,7 @@ SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 # bindings.cpp exposes the functions the others define; one extension, one build.
 SOURCES = tuple(SOURCE_DIR / name for name in ("bindings.cpp", "small_linear.cpp", "paged_attention.cpp"))
 HEADERS = (SOURCE_DIR / "avx2.h",)  # included by the sources: copied and hashed with them, not compiled
-DEFAULT_BUILD_ROOT = Path(__file__).resolve().parent.parent / ".build" / "torch_extensions"
+DEFAULT_BUILD_ROOT = Path(__file__).resolve().parents[2] / ".build" / "torch_extensions"
 NAME = "engine_kernels"
 
 
@@ -92,7 +92,7 @@ def load_kernels() -> ModuleType | None:
     if interpreter_bin not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([interpreter_bin, os.environ.get("PATH", "")])
     missing = [str(path) for path in (*SOURCES, *HEADERS) if not path.is_file()]
-    if missing:  # a Bento built without runners/csrc
+    if missing:  # a Bento built without engine/layers/csrc
         logger.warning("CPU kernels off: their sources %s are missing", ", ".join(missing))
         return None
     build_dir = writable_build_dir()

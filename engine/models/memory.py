@@ -96,7 +96,8 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
     """glibc gives each thread that allocates its own heap arena, and freed memory in those arenas
-    stays in RSS: after load/unload cycles under traffic RSS stayed 12% up with the default, 3-6% with 2."""
+    stays in RSS: load/unload cycles under traffic left RSS up, far less so with 2 arenas
+    (BENCHMARKS.md, "Measurements behind rules in the code")."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
 
@@ -168,7 +169,7 @@ def weights_at_load(metadata: dict[str, Any], bytes_per_parameter: int, files_si
 def estimate_footprint(weights_bytes: int, kv_cache_bytes: int, transient_bytes: int = 0) -> int:
     """The most a load holds at once. `transient_bytes` is held only before the KV cache exists: a
     quantized model's weights as read, which stay beside their int8 copies until quantizing ends
-    (measured on SmolLM2: 879 MB at the peak for 513 MB read and 237 MB kept)."""
+    (BENCHMARKS.md, "Quantization": the int8 load's peak)."""
     during_load = int((weights_bytes + transient_bytes) * LOAD_OVERHEAD)
     return max(during_load, int(weights_bytes * LOAD_OVERHEAD) + kv_cache_bytes)
 

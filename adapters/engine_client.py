@@ -89,17 +89,7 @@ class EngineClient(ModelRepository, SystemMonitor):
         return [Model.from_dict(model) for model in await unwrap(self._engine.list_models)]
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
-        request = {
-            "model_id": model_id,
-            "messages": prompt.to_list(),
-            "prompt_text": prompt.text,
-            "max_new_tokens": params.max_new_tokens,
-            "temperature": params.temperature,
-            "timeout_s": params.timeout_s,
-            "top_p": params.top_p,
-            "stop": list(params.stop),
-            "seed": params.seed,
-        }
+        request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict()}
         buffered = ""
         chunks = self._stream_chunks(request)
         async with aclosing(chunks):  # leaving early closes the connection, which cancels the generation

@@ -41,7 +41,7 @@ def resolve_device(requested: str) -> str:
 
 
 def dtype_for(device: str, setting: str) -> torch.dtype:
-    """fp32 on CPU (the spec's choice, and CPUs without bf16 matrix units run bf16 slowly); bf16 on accelerators."""
+    """fp32 on the CPU (CPUs without bf16 matrix units run bf16 several times slower); bf16 on accelerators."""
     if setting != "auto":
         return DTYPES[setting]
     return torch.float32 if device == "cpu" else torch.bfloat16
@@ -53,15 +53,15 @@ def usable_cpus() -> int:
 
 def configure_torch(cpu_threads: int, gpu_memory_fraction: float) -> int:
     """Applies CPU_THREADS, at most one thread per usable core: more threads than cores make every
-    matrix product wait on the others (measured: 8.6 against 13.1 req/s with 4 threads on 2 cores).
+    matrix product wait on the others (BENCHMARKS.md, "Settings measured for the defaults").
     Returns the thread count used."""
     threads = min(cpu_threads, usable_cpus())
     torch.set_num_threads(threads)
     for index in range(torch.cuda.device_count()):
         torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction, index)
     if torch.cuda.is_available():
-        # cuDNN's attention spends about 1.7 ms of CPU on each masked decode call (torch 2.11, H100): a
-        # random Qwen2.5-3B step took 107 ms at batch 1 and 187 ms at batch 32 with it, 54 and 70 without.
+        # cuDNN's attention spends milliseconds of CPU on each masked decode call, more than the step's
+        # GPU work at a 3B model's size (BENCHMARKS.md, "GPU").
         torch.backends.cuda.enable_cudnn_sdp(False)
     return threads
 

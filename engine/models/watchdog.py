@@ -1,5 +1,5 @@
-"""The memory strategy of the spec: constant monitoring, forced collection past the limits, and
-automatic unloading of unused models when collection is not enough."""
+"""Memory, watched: constant monitoring, forced collection past the limits, and automatic unloading
+of unused models when collection is not enough."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
+from ..repository import TransformersModelRepository
 from .memory import MemoryLimits, SystemMemory, publish_memory_metrics, release_freed_memory, system_memory
-from .repository import TransformersModelRepository
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,121 @@
+"""The engine core: one thread per loaded model that drives its scheduler and its model runner.
+
+Each round: the scheduler plans a step (under the lock, with requests arriving from other threads),
+the runner runs it (outside the lock, the only slow part), and the scheduler books its tokens.
+Failures follow one ladder: a failed step fails the sequences in it; a fatal error (a broken
+device) or a bug in the loop ends the thread, fails every sequence, and leaves `failure` set so
+the model reads as unable to serve until it is reloaded.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+
+from .block_manager import block_hashes
+from .scheduler import ScheduledStep, Scheduler
+from .sequence import FinishReason, SamplingRequest, Sequence, Sink
+
+logger = logging.getLogger(__name__)
+
+# How long the thread sleeps when sequences wait but none can run; it never happens while the
+# cache can hold every admitted request, and a deadline still ends such a wait.
+STALLED_WAIT_S = 0.05
+
+
+class StepRunner(abc.ABC):
+    """Runs a scheduled step on the model: the port the engine core drives (model_runner.py is the real one)."""
+
+    @abc.abstractmethod
+    def execute(self, step: ScheduledStep) -> list[int]:
+        """One token id per `step.sampled` sequence, in that order."""
+
+    def is_fatal(self, error: Exception) -> bool:
+        """Whether the error leaves the runner unable to run any later step."""
+        return False
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: StepRunner, batch_wait_s: float = 0.0, name: str = "model") -> None:
+        self.scheduler = scheduler
+        self._runner = runner
+        self.batch_wait_s = batch_wait_s
+        self._wakeup = threading.Condition()
+        self._stopped = False
+        self._stop_reason = FinishReason.UNLOADED
+        self.failure = ""  # set when the thread died: the model can serve nothing more
+        self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
+
+    # Called from any thread.
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, reason: FinishReason = FinishReason.UNLOADED) -> None:
+        """Ends the thread after its current step; every sequence still there ends with `reason`."""
+        with self._wakeup:
+            self._stopped, self._stop_reason = True, reason
+            self._wakeup.notify()
+        self._thread.join(timeout=60)
+        with self._wakeup:
+            self.scheduler.finish_all(reason)
+
+    def submit(self, request: SamplingRequest, sink: Sink) -> Sequence:
+        """Queues the request; raises QueueFull when the queue is full. A request that meets a stopped
+        core ends at once, with the reason the core stopped."""
+        sequence = Sequence(request, sink, block_hashes(request.prompt_ids))
+        with self._wakeup:
+            if not self._stopped:
+                self.scheduler.add(sequence)
+                self._wakeup.notify()
+                return sequence
+            if self.failure:
+                self.scheduler.finish(sequence, FinishReason.ERROR, self.failure)
+            else:
+                self.scheduler.finish(sequence, self._stop_reason)
+        return sequence
+
+    # The engine core's thread.
+
+    def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # noqa: BLE001: a dead thread must fail its requests, never strand them
+            self._fail(f"{type(error).__name__}: {error}")
+
+    def _fail(self, failure: str) -> None:
+        logger.critical("the batch scheduler stopped: %s", failure)
+        with self._wakeup:
+            self.failure, self._stopped = failure, True
+            self.scheduler.finish_all(FinishReason.ERROR, failure)
+
+    def _serve(self) -> None:
+        while True:
+            with self._wakeup:
+                step = self.scheduler.schedule(time.monotonic())
+                while step is None and not self._stopped:
+                    if self.scheduler.has_work:  # sequences wait, none can run yet
+                        self._wakeup.wait(STALLED_WAIT_S)
+                    else:
+                        self._wakeup.wait()
+                        if self.batch_wait_s:
+                            self._wakeup.wait(self.batch_wait_s)  # let a burst arrive together
+                    step = self.scheduler.schedule(time.monotonic())
+                if self._stopped:
+                    return
+            self._run(step)
+
+    def _run(self, step: ScheduledStep) -> None:
+        try:
+            token_ids = self._runner.execute(step)
+        except Exception as error:  # a failed step fails its sequences, never the scheduler...
+            if self._runner.is_fatal(error):  # ...unless the device itself is broken
+                raise
+            logger.exception("batch step failed")
+            with self._wakeup:
+                self.scheduler.fail_running(f"{type(error).__name__}: {error}")
+            return
+        with self._wakeup:
+            self.scheduler.update(step, token_ids, time.monotonic())

@@ -1,0 +1,199 @@
+"""Loading a store model for serving: memory check, weights, dtype and quantization, the engine's
+attention and kernels, a KV cache, and an engine core whose thread runs every generation on it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from domain import CatalogEntry, GenerationError, InsufficientMemoryError, InvalidRequestError, Prompt
+from metrics import LOAD_SECONDS, SchedulerMetrics
+
+from ..core.block_manager import BLOCK_SIZE, BlockManager
+from ..core.engine_core import EngineCore
+from ..core.kv_cache import PagedKVCache
+from ..core.model_runner import ModelRunner
+from ..core.scheduler import Scheduler
+from ..layers import fast_linear, paged_attention
+from . import quantization
+from .devices import dtype_for
+from .memory import MemoryLimits, check_room_for, estimate_footprint, release_freed_memory, weights_at_load
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+# A model whose config does not say how long its context is.
+DEFAULT_CONTEXT_LENGTH = 2048
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int = 32
+    prefill_budget: int = 512
+    batch_wait_s: float = 0.0
+    kv_cache_bytes: int = 1 << 30
+    max_queue_size: int = 256
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: str
+    dtype: torch.dtype
+    quantization: str  # "none" or "int8"
+    load_time_s: float
+    memory_bytes: int
+    cache: PagedKVCache
+    core: EngineCore
+    loaded_at: datetime = field(default_factory=now)
+    last_used_at: datetime = field(default_factory=now)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or DEFAULT_CONTEXT_LENGTH)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if prompt.text is not None:  # raw text is continued as it is, after the model's BOS token if it has one
+            prompt_ids = self.tokenizer(prompt.text)["input_ids"]
+        else:
+            text = self.tokenizer.apply_chat_template(prompt.to_list(), tokenize=False, add_generation_prompt=True)
+            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise InvalidRequestError(f"prompt: must have at least one token for model {self.model_id!r}, got none")
+        return prompt_ids
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuses a request past the model's context window, or larger than its whole KV cache."""
+        if prompt_tokens + max_new_tokens > self.context_length:
+            raise InvalidRequestError(
+                f"prompt: the prompt (query and context, or messages) is {prompt_tokens} tokens and max_length "
+                f"(max_tokens) asks for {max_new_tokens} more, past model {self.model_id!r}'s context window of "
+                f"{self.context_length} tokens; shorten the prompt"
+            )
+        needed, capacity = Scheduler.blocks_needed(prompt_tokens, max_new_tokens), self.core.scheduler.blocks.usable
+        if needed > capacity:
+            raise InvalidRequestError(
+                f"query, context and max_length: the request needs {needed * BLOCK_SIZE} tokens of KV cache, "
+                f"past the {capacity * BLOCK_SIZE} that KV_CACHE_MB holds for {self.model_id!r}"
+            )
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def on_a_thread_of_its_own(work: Callable[[], T]) -> T:
+    """Runs `work` on a new thread that ends with it, and waits. torch's OpenMP keeps a team of worker
+    threads for every thread that ran parallel work, for as long as that thread lives. Once a process
+    holds more OpenMP threads than cores, libgomp stops spinning at its barriers, and every parallel
+    region waits for futex wake-ups: a load on a long-lived executor thread would leave its team
+    behind and slow every later batch step (BENCHMARKS.md, "Measurements behind rules in the code")."""
+    done: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(work())
+        except BaseException as error:  # noqa: BLE001: handed to the waiting caller
+            done.set_exception(error)
+
+    thread = threading.Thread(target=run, name="model-load", daemon=True)
+    thread.start()
+    thread.join()
+    return done.result()
+
+
+class ModelLoader:
+    def __init__(
+        self, memory_limits: MemoryLimits, dtype: str, quantization_setting: str, batching: BatchingOptions
+    ) -> None:
+        self._memory_limits = memory_limits
+        self._dtype_setting = dtype
+        self._quantization_setting = quantization_setting
+        self._batching = batching
+
+    def load(self, entry: CatalogEntry, device: str) -> LoadedModel:
+        """The model loaded and its engine core started, on a thread of its own (see on_a_thread_of_its_own)."""
+        return on_a_thread_of_its_own(lambda: self._load(entry, device))
+
+    def _load(self, entry: CatalogEntry, device: str) -> LoadedModel:
+        dtype = dtype_for(device, self._dtype_setting)
+        scheme = quantization.effective_quantization(self._quantization_setting, device)
+        self._check_room(entry, device, dtype, scheme)
+        logger.info("loading %s on %s as %s, quantization %s", entry.model_id, device, dtype, scheme)
+        started = time.perf_counter()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(entry.path)
+            model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=dtype, device_map=device)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            release_freed_memory()
+            raise InsufficientMemoryError(f"out of memory while loading {entry.model_id!r} on {device}: {exc}") from exc
+        model.eval()
+        int8_layers = quantization.quantize_linear_layers(model) if scheme == quantization.INT8 else 0
+        if int8_layers:
+            release_freed_memory()  # the float32 weights the int8 layers replaced
+        switched = fast_linear.accelerate(model)
+        if not paged_attention.install(model):
+            raise GenerationError(
+                f"{type(model).__name__} does not route attention through transformers' attention interface, "
+                f"so the engine cannot batch it"
+            )
+        cache = self._kv_cache(model, dtype, device)
+        core = self._engine_core(entry.model_id, model, tokenizer, cache)
+        core.start()
+        memory_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        load_time = time.perf_counter() - started
+        LOAD_SECONDS.labels(model=entry.model_id).observe(load_time)
+        logger.info(
+            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB, %d linear layers int8, %d on the small-row kernel)",
+            entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20, int8_layers, switched,
+        )
+        return LoadedModel(entry.model_id, model, tokenizer, device, dtype, scheme, round(load_time, 3), memory_bytes, cache, core)
+
+    def _check_room(self, entry: CatalogEntry, device: str, dtype: torch.dtype, scheme: str) -> None:
+        files_size = sum(p.stat().st_size for p in Path(entry.path).glob("*") if p.is_file())
+        read_bytes = weights_at_load(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
+        kept_bytes = quantization.resident_weights_bytes(scheme, entry.path, entry.metadata, read_bytes)
+        transient_bytes = read_bytes if scheme == quantization.INT8 else 0  # the read, beside its int8 copy
+        footprint = estimate_footprint(kept_bytes, self._batching.kv_cache_bytes, transient_bytes)
+        check_room_for(entry.model_id, footprint, device, self._memory_limits)
+
+    def _kv_cache(self, model: PreTrainedModel, dtype: torch.dtype, device: str) -> PagedKVCache:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        per_token = PagedKVCache.bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, dtype)
+        blocks = max(1, self._batching.kv_cache_bytes // (per_token * BLOCK_SIZE))
+        return PagedKVCache(config.num_hidden_layers, kv_heads, head_dim, blocks, dtype, device)
+
+    def _engine_core(
+        self, model_id: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: PagedKVCache
+    ) -> EngineCore:
+        batching = self._batching
+        scheduler = Scheduler(
+            BlockManager(cache.num_blocks),
+            eos_token_ids(model, tokenizer),
+            max_batch_size=batching.max_batch_size,
+            prefill_budget=batching.prefill_budget,
+            max_queue_size=batching.max_queue_size,
+            metrics=SchedulerMetrics.for_model(model_id),
+        )
+        return EngineCore(scheduler, ModelRunner(model, cache), batching.batch_wait_s, name=model_id)

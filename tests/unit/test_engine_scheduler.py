@@ -1,0 +1,250 @@
+"""The scheduler's decisions, driven step by step with a fake model runner (no torch, no thread)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.core.block_manager import BLOCK_SIZE, BlockManager, block_hashes
+from engine.core.scheduler import QueueFull, ScheduledStep, Scheduler
+from engine.core.sequence import BlockCopy, FinishEvent, FinishReason, SamplingRequest, Sequence, TokenEvent
+from metrics import SchedulerMetrics
+from tests.unit.fakes import EOS, ScriptedRunner
+
+FAR = 1e9  # a deadline that never comes
+NOW = 100.0
+
+
+def scheduler(num_blocks: int = 64, max_batch_size: int = 8, prefill_budget: int = 512, max_queue_size: int = 16) -> Scheduler:
+    return Scheduler(
+        BlockManager(num_blocks),
+        {EOS},
+        max_batch_size=max_batch_size,
+        prefill_budget=prefill_budget,
+        max_queue_size=max_queue_size,
+        metrics=SchedulerMetrics.for_model("unit-test"),
+    )
+
+
+class Caller:
+    """A request's caller: what the scheduler sent back to it."""
+
+    def __init__(self) -> None:
+        self.events: list[TokenEvent | FinishEvent] = []
+
+    def sink(self, event: TokenEvent | FinishEvent) -> None:
+        self.events.append(event)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [event.token_id for event in self.events if isinstance(event, TokenEvent)]
+
+    @property
+    def finish(self) -> FinishEvent | None:
+        last = self.events[-1] if self.events else None
+        return last if isinstance(last, FinishEvent) else None
+
+
+def submit(
+    into: Scheduler, prompt: list[int], max_new_tokens: int = 4, deadline: float = FAR
+) -> tuple[Sequence, Caller]:
+    caller = Caller()
+    sequence = Sequence(SamplingRequest(prompt, max_new_tokens, 0.0, deadline), caller.sink, block_hashes(prompt))
+    into.add(sequence)
+    return sequence, caller
+
+
+def step(into: Scheduler, runner: ScriptedRunner, now: float = NOW) -> ScheduledStep | None:
+    scheduled = into.schedule(now)
+    if scheduled is not None:
+        into.update(scheduled, runner.execute(scheduled), now)
+    return scheduled
+
+
+def run_until_idle(into: Scheduler, runner: ScriptedRunner, limit: int = 200) -> int:
+    for count in range(limit):
+        if step(into, runner) is None:
+            return count
+    raise AssertionError("the scheduler never went idle")
+
+
+def prompt_of(length: int, first: int = 1000) -> list[int]:
+    return list(range(first, first + length))
+
+
+def test_a_request_prefills_then_decodes_one_token_a_step_until_its_length():
+    runner = ScriptedRunner({tuple(prompt_of(5)): [5, 6, 7]})
+    into = scheduler()
+    sequence, caller = submit(into, prompt_of(5), max_new_tokens=3)
+
+    assert run_until_idle(into, runner) == 3
+    assert caller.tokens == [5, 6, 7]
+    assert caller.finish == FinishEvent(FinishReason.LENGTH, 5, 3, 0)
+    first, second, third = runner.steps
+    assert [(c.start, c.end) for c in first.prefilling] == [(0, 5)] and first.decoding == []
+    assert second.decoding == [sequence] and second.prefilling == []
+    assert into.blocks.available == into.blocks.usable  # every block given back
+
+
+def test_an_end_of_sequence_token_ends_it_with_stop_and_is_not_sent():
+    runner = ScriptedRunner({tuple(prompt_of(5)): [5, EOS, 7]})
+    into = scheduler()
+    _, caller = submit(into, prompt_of(5), max_new_tokens=10)
+
+    run_until_idle(into, runner)
+
+    assert caller.tokens == [5]
+    assert caller.finish.reason is FinishReason.STOP and caller.finish.completion_tokens == 2
+
+
+def test_requests_are_admitted_oldest_first_while_the_batch_has_room():
+    runner = ScriptedRunner()
+    into = scheduler(max_batch_size=2)
+    sequences = [submit(into, prompt_of(5, first=1000 * n), max_new_tokens=2)[0] for n in range(1, 4)]
+
+    first = step(into, runner)
+
+    assert [chunk.sequence for chunk in first.prefilling] == sequences[:2]
+    assert list(into.waiting) == sequences[2:]
+    step(into, runner)  # the first two get their second and last token, and leave
+    third = step(into, runner)
+    assert [chunk.sequence for chunk in third.prefilling] == sequences[2:]
+
+
+def test_a_step_prefills_at_most_the_budget_shortest_remaining_prompt_first():
+    runner = ScriptedRunner()
+    into = scheduler(prefill_budget=8)
+    long, _ = submit(into, prompt_of(20, first=1000))
+    short, _ = submit(into, prompt_of(5, first=2000))
+
+    first = step(into, runner)
+
+    assert [(c.sequence, c.start, c.end) for c in first.prefilling] == [(short, 0, 5), (long, 0, 3)]
+    assert first.sampled == [short]  # only a completed prompt gives a token
+    second = step(into, runner)
+    assert second.decoding == [short]
+    assert [(c.sequence, c.start, c.end) for c in second.prefilling] == [(long, 3, 11)]
+    assert all(sum(c.end - c.start for c in s.prefilling) <= 8 for s in runner.steps)
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_gives_its_blocks_back():
+    runner = ScriptedRunner()
+    into = scheduler()
+    running, running_caller = submit(into, prompt_of(5), max_new_tokens=50)
+    step(into, runner)
+    waiting, waiting_caller = submit(into, prompt_of(5, first=3000), max_new_tokens=50)
+    running.cancel()
+    waiting.cancel()
+
+    assert step(into, runner) is None
+
+    assert running_caller.finish.reason is FinishReason.CANCELLED
+    assert waiting_caller.finish.reason is FinishReason.CANCELLED and waiting_caller.tokens == []
+    assert into.blocks.available == into.blocks.usable
+
+
+def test_a_request_past_its_deadline_ends_with_timeout_waiting_or_running():
+    runner = ScriptedRunner()
+    into = scheduler(max_batch_size=1)
+    _, running = submit(into, prompt_of(5), max_new_tokens=50, deadline=NOW + 1)
+    _, queued = submit(into, prompt_of(5, first=3000), max_new_tokens=50, deadline=NOW + 1)
+    step(into, runner)
+
+    assert step(into, runner, now=NOW + 1) is None
+
+    assert running.finish.reason is FinishReason.TIMEOUT and running.tokens
+    assert queued.finish.reason is FinishReason.TIMEOUT and queued.tokens == []
+    assert into.blocks.available == into.blocks.usable
+
+
+def test_the_queue_holds_at_most_max_queue_size():
+    into = scheduler(max_queue_size=2)
+    submit(into, prompt_of(5))
+    submit(into, prompt_of(5))
+    assert into.queue_full
+    with pytest.raises(QueueFull):
+        submit(into, prompt_of(5))
+
+
+def test_a_request_waits_while_the_cache_is_full_then_runs():
+    runner = ScriptedRunner()
+    into = scheduler(num_blocks=3)  # 2 usable blocks: one request of up to 32 tokens at a time
+    _, first = submit(into, prompt_of(20), max_new_tokens=4)
+    _, second = submit(into, prompt_of(20, first=5000), max_new_tokens=4)
+
+    step(into, runner)
+    assert into.load["running"] == 1 and into.load["waiting"] == 1
+
+    run_until_idle(into, runner)
+    assert first.finish.reason is second.finish.reason is FinishReason.LENGTH
+
+
+def test_a_shared_prefix_is_reused_and_a_partly_shared_block_is_copied_before_its_first_chunk():
+    runner = ScriptedRunner()
+    into = scheduler()
+    shared = prompt_of(BLOCK_SIZE + 5)
+    submit(into, shared + prompt_of(20, first=2000), max_new_tokens=1)
+    run_until_idle(into, runner)
+
+    later, caller = submit(into, shared + prompt_of(20, first=3000), max_new_tokens=2)
+    first = step(into, runner)
+
+    assert later.cached_prompt_tokens == BLOCK_SIZE + 5
+    assert [(c.start, c.end) for c in first.prefilling] == [(BLOCK_SIZE + 5, later.prompt_length)]
+    (copy,) = first.copies
+    assert copy.target == later.blocks[1] and copy.tokens == 5
+    assert into.blocks.references[copy.source] == 0  # released once the step made the copy
+    run_until_idle(into, runner)
+    assert caller.finish.cached_prompt_tokens == BLOCK_SIZE + 5
+
+
+def test_the_runner_hears_which_sequences_ended_since_the_last_step():
+    runner = ScriptedRunner()
+    into = scheduler()
+    quick, _ = submit(into, prompt_of(5), max_new_tokens=1)
+    slow, _ = submit(into, prompt_of(5, first=2000), max_new_tokens=3)
+    step(into, runner)  # `quick` ends with its first token
+
+    assert step(into, runner).finished_ids == [quick.seq_id]
+    run_until_idle(into, runner)
+    submit(into, prompt_of(5, first=3000))
+    assert step(into, runner).finished_ids == [slow.seq_id]  # the next step, whenever it comes
+
+
+def test_a_failed_step_ends_the_running_sequences_with_an_error_and_frees_them():
+    runner = ScriptedRunner()
+    into = scheduler()
+    _, caller = submit(into, prompt_of(5), max_new_tokens=5)
+    into.schedule(NOW)
+
+    into.fail_running("RuntimeError: boom")
+
+    assert caller.finish == FinishEvent(FinishReason.ERROR, 5, 0, 0, "RuntimeError: boom")
+    assert into.blocks.available == into.blocks.usable and not into.has_work
+
+
+def test_finishing_all_ends_waiting_and_running_alike():
+    into = scheduler(max_batch_size=1)
+    _, running = submit(into, prompt_of(5))
+    _, waiting = submit(into, prompt_of(5, first=3000))
+    into.schedule(NOW)
+
+    into.finish_all(FinishReason.UNLOADED)
+
+    assert running.finish.reason is waiting.finish.reason is FinishReason.UNLOADED
+    assert not into.has_work and into.blocks.available == into.blocks.usable
+
+
+def test_a_copy_whose_sequence_never_ran_is_let_go_with_it():
+    runner = ScriptedRunner()
+    into = scheduler()
+    shared = prompt_of(BLOCK_SIZE + 5)
+    submit(into, shared + [7] * 20, max_new_tokens=1)
+    run_until_idle(into, runner)
+    later, _ = submit(into, shared + [8] * 20, max_new_tokens=1)
+    into.schedule(NOW)
+    assert isinstance(later.pending_copy, BlockCopy)
+
+    later.cancel()
+    into.schedule(NOW)
+
+    assert sum(into.blocks.references) == 0

@@ -44,7 +44,7 @@ from api.schemas import (
 )
 from api.streaming import STREAM_EVENTS, cancel_on_disconnect, server_sent_events
 from api.validation import RequestValidationMiddleware
-from domain import Generation, GenerateText, GenerateTextUseCase, LoadModel, ModelService, OptimizeMemory, UnloadModel
+from domain import GenerateText, GenerateTextUseCase, Generation, LoadModel, ModelService, OptimizeMemory, UnloadModel
 from engine.service import GenerationEngine
 from settings import get_settings
 from tracing import trace_requests_not_messages

@@ -24,7 +24,6 @@ from domain import (
     raise_if_error,
 )
 
-
 STREAM_ROUTE = "/stream_text"
 T = TypeVar("T")
 # How a call fails when the engine process is gone (BentoML's proxy and our stream both speak aiohttp).

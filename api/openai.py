@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from domain import CompletePrompt, Generation, GenerateTextUseCase, ModelService
+from domain import CompletePrompt, GenerateTextUseCase, Generation, ModelService
 from domain.services import SERVICE_NAME
 
 from .errors import error_body, openai_error_body, openai_error_response

@@ -7,6 +7,7 @@ from .catalog import CatalogEntry, ModelCatalog
 from .commands import CompletePrompt, GenerateText, GenerationOptions, LoadModel, OptimizeMemory, UnloadModel
 from .errors import (
     DeviceNotAvailableError,
+    EngineUnavailableError,
     GenerationError,
     GenerationTimeoutError,
     InsufficientMemoryError,
@@ -16,7 +17,6 @@ from .errors import (
     ModelServiceError,
     ModelUnloadingError,
     OverloadedError,
-    EngineUnavailableError,
     error_from_type,
     raise_if_error,
 )

@@ -94,10 +94,10 @@ def main() -> None:
     import torch
 
     from domain import GenerationParams
-    from engine.models.memory import MemoryLimits, release_freed_memory
-    from engine.models.loader import BatchingOptions
-    from engine.repository import TransformersModelRepository
     from engine.models.catalog import BentoModelStoreCatalog
+    from engine.models.loader import BatchingOptions
+    from engine.models.memory import MemoryLimits, release_freed_memory
+    from engine.repository import TransformersModelRepository
     from serving import short_request
     from settings import get_settings
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import json
 import os
+import signal
 import subprocess
 import sys
 import time

@@ -6,8 +6,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from domain import CatalogEntry, ModelCatalog
-from engine.models.memory import MemoryLimits
 from engine.models.catalog import BentoModelStoreCatalog
+from engine.models.memory import MemoryLimits
 
 BUNDLED_MODEL_ID = "smollm2-135m-instruct"
 TINY_QWEN_ID = "tiny-qwen2"

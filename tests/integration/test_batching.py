@@ -19,9 +19,9 @@ from domain import (
     PromptBuilder,
 )
 from engine.core.block_manager import BLOCK_SIZE
+from engine.core.sequence import FinishReason, SamplingRequest
 from engine.models.loader import BatchingOptions
 from engine.repository import TransformersModelRepository
-from engine.core.sequence import FinishReason, SamplingRequest
 
 from .support import BUNDLED_MODEL_ID, QUANTIZATIONS, ROOMY, DirectoryCatalog
 

@@ -24,8 +24,8 @@ from domain import (
     PromptBuilder,
 )
 from engine.models.memory import MemoryLimits, SystemMemory
-from engine.repository import TransformersModelRepository
 from engine.models.watchdog import MemoryWatchdog
+from engine.repository import TransformersModelRepository
 
 from .support import BUNDLED_MODEL_ID, QUANTIZATIONS, ROOMY, TINY_QWEN_ID, DirectoryCatalog
 

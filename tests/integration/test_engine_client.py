@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
-from domain import EngineUnavailableError, Generation, GenerationParams, Prompt
 from adapters.engine_client import STREAM_ROUTE, EngineClient
+from domain import EngineUnavailableError, Generation, GenerationParams, Prompt
 
 PROMPT = Prompt.from_list([{"role": "user", "content": "hi"}])
 PARAMS = GenerationParams(max_new_tokens=4, temperature=0.0, timeout_s=10.0)

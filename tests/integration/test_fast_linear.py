@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from engine.layers.fast_linear import MAX_ROWS, SmallBatchLinear, accelerate
-from engine.layers.kernels import load_kernels
 
 ROW_COUNTS = range(1, MAX_ROWS + 2)
 

@@ -12,11 +12,16 @@ import pytest
 import torch
 
 from domain import GenerationParams, PromptBuilder
-from engine.models import quantization
 from engine.layers.fast_linear import SmallBatchLinear
-from engine.models.memory import LOAD_OVERHEAD, estimate_footprint, release_freed_memory, weights_at_load
-from engine.models.quantization import Int8Linear, effective_quantization, quantize_linear_layers, resident_weights_bytes
+from engine.models import quantization
 from engine.models.loader import BatchingOptions
+from engine.models.memory import LOAD_OVERHEAD, estimate_footprint, release_freed_memory, weights_at_load
+from engine.models.quantization import (
+    Int8Linear,
+    effective_quantization,
+    quantize_linear_layers,
+    resident_weights_bytes,
+)
 from engine.repository import TransformersModelRepository
 
 from .support import BUNDLED_MODEL_ID, ROOMY, DirectoryCatalog

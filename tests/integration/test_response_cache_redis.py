@@ -10,10 +10,10 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from domain import Generation, response_key
-from domain.generation import ChatMessage, GenerationParams, Prompt
 from adapters import response_cache
 from adapters.response_cache import CountedResponseCache, RedisResponseCache, response_cache_for
+from domain import Generation, response_key
+from domain.generation import ChatMessage, GenerationParams, Prompt
 from settings import Settings
 from tests.redis_server import RedisServer
 

@@ -12,9 +12,9 @@ import torch
 
 from domain import Generation, GenerationParams, Prompt, PromptBuilder
 from engine.core.detokenizer import IncrementalDecoder
+from engine.core.sampling import RowSampling, choose_tokens, draw, keep_nucleus, seeded_generator
 from engine.models.loader import BatchingOptions
 from engine.repository import TransformersModelRepository
-from engine.core.sampling import RowSampling, choose_tokens, draw, keep_nucleus, seeded_generator
 
 from .support import BUNDLED_MODEL_ID, ROOMY, DirectoryCatalog
 

@@ -1,22 +1,22 @@
-"""In-memory fakes of the domain's ports. They keep state, so tests assert on what happened, not on calls.
+"""In-memory fakes of the domain's ports and of the engine core's StepRunner. They keep state, so
+tests assert on what happened, not on calls.
 
 Each fake subclasses the real abstract port, so a port that grows a method breaks the fakes loudly.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 
-from engine.core.engine_core import StepRunner
-from engine.core.scheduler import ScheduledStep
 from domain import (
     CatalogEntry,
-    GenerationLimits,
     DeviceNotAvailableError,
     Generation,
+    GenerationLimits,
     GenerationParams,
     Model,
     ModelCatalog,
@@ -26,6 +26,9 @@ from domain import (
     Prompt,
     SystemMonitor,
 )
+from engine.core.engine_core import StepRunner
+from engine.core.scheduler import ScheduledStep
+from engine.core.sequence import Event, FinishEvent, TokenEvent
 
 CREATED_AT = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
 LAST_USED = datetime(2024, 1, 2, 8, 30, tzinfo=timezone.utc)
@@ -203,3 +206,31 @@ class ScriptedRunner(StepRunner):
     def _next_token(self, prompt_ids: list[int], generated: int) -> int:
         answer = self._script.get(tuple(prompt_ids), [])
         return answer[generated] if generated < len(answer) else self.FILLER
+
+
+class RecordingCaller:
+    """A request's caller, as the engine sees it: a sink that keeps every event sent to it."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.started = threading.Event()
+        self.finished = threading.Event()
+
+    def sink(self, event: Event) -> None:
+        self.events.append(event)
+        self.started.set()
+        if isinstance(event, FinishEvent):
+            self.finished.set()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [event.token_id for event in self.events if isinstance(event, TokenEvent)]
+
+    @property
+    def finish(self) -> FinishEvent | None:
+        """How the request ended, or None while it has not."""
+        return self.events[-1] if self.finished.is_set() else None
+
+    def wait_finish(self, timeout_s: float = 10.0) -> FinishEvent:
+        assert self.finished.wait(timeout_s), "the request never ended"
+        return self.events[-1]

@@ -14,10 +14,10 @@ from starlette.testclient import TestClient
 from api.openai import UnroutedPathMiddleware, build_openai_app
 from domain import (
     ChatMessage,
+    GenerateTextUseCase,
     Generation,
     GenerationParams,
     GenerationTimeoutError,
-    GenerateTextUseCase,
     ModelService,
     OverloadedError,
     Prompt,

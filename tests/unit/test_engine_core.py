@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from engine.core.block_manager import BlockManager
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import QueueFull, Scheduler
-from engine.core.sequence import FinishEvent, FinishReason, SamplingRequest, TokenEvent
+from engine.core.sequence import FinishEvent, FinishReason, SamplingRequest
 from metrics import SchedulerMetrics
-from tests.unit.fakes import EOS, ScriptedRunner
+from tests.unit.fakes import EOS, RecordingCaller, ScriptedRunner
 
 PROMPT = [10, 11, 12, 13, 14]
 WAIT_S = 10
-
-
-class Caller:
-    def __init__(self) -> None:
-        self.events: list[TokenEvent | FinishEvent] = []
-        self.started = threading.Event()
-        self.finished = threading.Event()
-
-    def sink(self, event: TokenEvent | FinishEvent) -> None:
-        self.events.append(event)
-        self.started.set()
-        if isinstance(event, FinishEvent):
-            self.finished.set()
-
-    def finish(self) -> FinishEvent:
-        assert self.finished.wait(WAIT_S), "the request never ended"
-        return self.events[-1]
 
 
 @pytest.fixture
@@ -56,33 +37,33 @@ def request(max_new_tokens: int = 10) -> SamplingRequest:
 
 
 def test_a_request_gets_its_tokens_then_how_it_ended(core):
-    caller = Caller()
+    caller = RecordingCaller()
     core.submit(request(), caller.sink)
 
-    assert caller.finish() == FinishEvent(FinishReason.STOP, len(PROMPT), 3, 0)
+    assert caller.wait_finish() == FinishEvent(FinishReason.STOP, len(PROMPT), 3, 0)
     assert [event.token_id for event in caller.events[:-1]] == [5, 6]
 
 
 def test_a_failed_step_fails_its_sequences_and_the_core_serves_on(core, runner):
     runner.fail_with = RuntimeError("step broke")
-    failed = Caller()
+    failed = RecordingCaller()
     core.submit(request(), failed.sink)
-    assert failed.finish() == FinishEvent(FinishReason.ERROR, len(PROMPT), 0, 0, "RuntimeError: step broke")
+    assert failed.wait_finish() == FinishEvent(FinishReason.ERROR, len(PROMPT), 0, 0, "RuntimeError: step broke")
 
     runner.fail_with = None
-    served = Caller()
+    served = RecordingCaller()
     core.submit(request(), served.sink)
-    assert served.finish().reason is FinishReason.STOP
+    assert served.wait_finish().reason is FinishReason.STOP
     assert core.failure == ""
 
 
 def test_a_fatal_error_ends_the_core_and_every_later_request_at_once(core, runner):
     runner.fail_with, runner.fatal = RuntimeError("CUDA error: device-side assert"), True
-    first = Caller()
+    first = RecordingCaller()
     core.submit(request(), first.sink)
-    assert first.finish().reason is FinishReason.ERROR
+    assert first.wait_finish().reason is FinishReason.ERROR
 
-    later = Caller()
+    later = RecordingCaller()
     core.submit(request(), later.sink)
     assert later.finished.is_set()  # no thread is left to run it: it ends inside submit
     assert later.events == [FinishEvent(FinishReason.ERROR, len(PROMPT), 0, 0, "RuntimeError: CUDA error: device-side assert")]
@@ -91,14 +72,14 @@ def test_a_fatal_error_ends_the_core_and_every_later_request_at_once(core, runne
 
 def test_stopping_ends_what_runs_and_a_request_after_it_at_once(core, runner):
     runner.step_s = 0.01
-    long = Caller()
+    long = RecordingCaller()
     core.submit(SamplingRequest([20, 21, 22], 1000, 0.0, deadline=float("inf")), long.sink)
     assert long.started.wait(WAIT_S)  # it runs
 
     core.stop(FinishReason.UNLOADED)
 
-    assert long.finish().reason is FinishReason.UNLOADED
-    late = Caller()
+    assert long.wait_finish().reason is FinishReason.UNLOADED
+    late = RecordingCaller()
     core.submit(request(), late.sink)
     assert late.events == [FinishEvent(FinishReason.UNLOADED, len(PROMPT), 0, 0)]  # ended inside submit
 
@@ -109,6 +90,6 @@ def test_a_full_queue_refuses_at_submit(runner):
         metrics=SchedulerMetrics.for_model("unit-test"),
     )  # fmt: skip
     core = EngineCore(scheduler, runner, name="unit-test")  # not started: nothing leaves the queue
-    core.submit(request(), Caller().sink)
+    core.submit(request(), RecordingCaller().sink)
     with pytest.raises(QueueFull):
-        core.submit(request(), Caller().sink)
+        core.submit(request(), RecordingCaller().sink)

@@ -6,9 +6,9 @@ import pytest
 
 from engine.core.block_manager import BLOCK_SIZE, BlockManager, block_hashes
 from engine.core.scheduler import QueueFull, ScheduledStep, Scheduler
-from engine.core.sequence import BlockCopy, FinishEvent, FinishReason, SamplingRequest, Sequence, TokenEvent
+from engine.core.sequence import BlockCopy, FinishEvent, FinishReason, SamplingRequest, Sequence
 from metrics import SchedulerMetrics
-from tests.unit.fakes import EOS, ScriptedRunner
+from tests.unit.fakes import EOS, RecordingCaller, ScriptedRunner
 
 FAR = 1e9  # a deadline that never comes
 NOW = 100.0
@@ -25,29 +25,10 @@ def scheduler(num_blocks: int = 64, max_batch_size: int = 8, prefill_budget: int
     )
 
 
-class Caller:
-    """A request's caller: what the scheduler sent back to it."""
-
-    def __init__(self) -> None:
-        self.events: list[TokenEvent | FinishEvent] = []
-
-    def sink(self, event: TokenEvent | FinishEvent) -> None:
-        self.events.append(event)
-
-    @property
-    def tokens(self) -> list[int]:
-        return [event.token_id for event in self.events if isinstance(event, TokenEvent)]
-
-    @property
-    def finish(self) -> FinishEvent | None:
-        last = self.events[-1] if self.events else None
-        return last if isinstance(last, FinishEvent) else None
-
-
 def submit(
     into: Scheduler, prompt: list[int], max_new_tokens: int = 4, deadline: float = FAR
-) -> tuple[Sequence, Caller]:
-    caller = Caller()
+) -> tuple[Sequence, RecordingCaller]:
+    caller = RecordingCaller()
     sequence = Sequence(SamplingRequest(prompt, max_new_tokens, 0.0, deadline), caller.sink, block_hashes(prompt))
     into.add(sequence)
     return sequence, caller
@@ -211,7 +192,6 @@ def test_the_runner_hears_which_sequences_ended_since_the_last_step():
 
 
 def test_a_failed_step_ends_the_running_sequences_with_an_error_and_frees_them():
-    runner = ScriptedRunner()
     into = scheduler()
     _, caller = submit(into, prompt_of(5), max_new_tokens=5)
     into.schedule(NOW)

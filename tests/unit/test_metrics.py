@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 import metrics
-from api.errors import STATUS_BY_ERROR_TYPE, count_error, error_response
+from api.errors import count_error, error_response
 from api.streaming import server_sent_events
 from domain.errors import ERROR_KINDS, GenerationTimeoutError
 from tests.conftest import ROOT

@@ -31,7 +31,7 @@ from domain import ChatMessage, CompletePrompt, Generation, Model, Prompt
 from domain.generation import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_SEED
 
 from .errors import STATUS_BY_ERROR_TYPE
-from .schemas import MAX_LENGTH_LIMIT, no_nul
+from .schemas import IGNORE_EOS_DESCRIPTION, MAX_LENGTH_LIMIT, MIN_TOKENS_DESCRIPTION, no_nul
 
 # OpenAI's "developer" role is the newer name of "system"; chat templates know only the latter.
 TEMPLATE_ROLE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -160,6 +160,9 @@ class GenerationRequest(Body):
     frequency_penalty: Annotated[float | None, Field(strict=True), Only(0, "penalties are not implemented")] = None
     presence_penalty: Annotated[float | None, Field(strict=True), Only(0, "penalties are not implemented")] = None
     logit_bias: Annotated[dict[str, float] | None, Only({}, "logit bias is not implemented")] = None
+    # vLLM's extra parameters, as its OpenAI client sends them in extra_body.
+    min_tokens: int | None = Field(None, strict=True, ge=0, le=MAX_LENGTH_LIMIT, description=MIN_TOKENS_DESCRIPTION)
+    ignore_eos: bool = Field(False, strict=True, description=IGNORE_EOS_DESCRIPTION)
 
     @field_validator("stream_options")
     @classmethod
@@ -181,6 +184,8 @@ class GenerationRequest(Body):
             top_p=self.top_p,
             stop=tuple(self.stop or ()),
             seed=self.seed,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
         )
 
 

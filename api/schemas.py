@@ -12,6 +12,9 @@ from settings import DEVICE_NAMES, MODEL_ID_PATTERN, Settings, validate_device
 
 MAX_LENGTH_LIMIT = 2048
 MIN_TIMEOUT_S = 0.01
+# vLLM's names and meanings, so that a benchmark can ask every server for exactly N tokens.
+MIN_TOKENS_DESCRIPTION = "no end of sequence before this many new tokens; at most max_length (or MAX_NEW_TOKENS)"
+IGNORE_EOS_DESCRIPTION = "keep generating past an end of sequence, up to max_length"
 
 
 def no_nul(value: str) -> str:
@@ -64,6 +67,10 @@ def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], t
             description=f"seconds this request may take, queueing included; at most MAX_GENERATION_TIME ({settings.max_generation_time:g})",
         )
         use_async: bool = Field(True, strict=True, description="generation always runs off the event loop, on the engine's threads")
+        min_tokens: int | None = Field(
+            None, strict=True, ge=0, le=MAX_LENGTH_LIMIT, description=MIN_TOKENS_DESCRIPTION
+        )
+        ignore_eos: bool = Field(False, strict=True, description=IGNORE_EOS_DESCRIPTION)
 
     class LoadModelRequest(Request):
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")

@@ -32,6 +32,8 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     timeout: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

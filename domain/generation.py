@@ -54,6 +54,8 @@ class GenerationParams:
     top_p: float = 1.0  # sample from the smallest set of likeliest tokens whose probability reaches top_p
     stop: tuple[str, ...] = ()  # the text ends before the first of these, with finish reason "stop"
     seed: int | None = None  # the same seed gives the same sampled text
+    min_new_tokens: int = 0  # no end of sequence before this many tokens (vLLM's min_tokens)
+    ignore_eos: bool = False  # generate past an end of sequence, up to max_new_tokens
 
     @property
     def greedy(self) -> bool:
@@ -90,6 +92,8 @@ class GenerationLimits:
         top_p: float | None = None,
         stop: tuple[str, ...] = (),
         seed: int | None = None,
+        min_tokens: int | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationParams:
         if max_length is not None and max_length < 1:
             raise InvalidRequestError(f"max_length: must be at least 1, got {max_length}")
@@ -103,13 +107,19 @@ class GenerationLimits:
         if seed is not None and not MIN_SEED <= seed <= MAX_SEED:
             raise InvalidRequestError(f"seed: must be a signed 64-bit integer, got {seed}")
         requested = self.max_new_tokens if max_length is None else max_length
+        if min_tokens is not None and not 0 <= min_tokens <= requested:
+            limit = "max_length (max_tokens)" if max_length is not None else "MAX_NEW_TOKENS, the default max_length"
+            raise InvalidRequestError(f"min_tokens: must be between 0 and {limit}, {requested}, got {min_tokens}")
+        max_new_tokens = min(requested, self.max_new_tokens)
         return GenerationParams(
-            max_new_tokens=min(requested, self.max_new_tokens),
+            max_new_tokens=max_new_tokens,
             temperature=self.default_temperature if temperature is None else temperature,
             timeout_s=self.max_generation_time_s if timeout_s is None else min(timeout_s, self.max_generation_time_s),
             top_p=1.0 if top_p is None else top_p,
             stop=tuple(stop),
             seed=seed,
+            min_new_tokens=min(min_tokens or 0, max_new_tokens),
+            ignore_eos=ignore_eos,
         )
 
 

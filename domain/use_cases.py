@@ -93,6 +93,8 @@ class GenerateTextUseCase:
             top_p=command.top_p,
             stop=command.stop,
             seed=command.seed,
+            min_tokens=command.min_tokens,
+            ignore_eos=command.ignore_eos,
         )
         return self._models.resolve_model_id(command.model_id), prompt, params
 

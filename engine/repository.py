@@ -32,6 +32,7 @@ from .core.detokenizer import IncrementalDecoder
 from .core.loop_bridge import EventStream, off_loop
 from .core.scheduler import QueueFull
 from .core.sequence import FinishEvent, FinishReason, SamplingRequest, TokenEvent
+from .layers.tuned_linear import Choice
 from .models import quantization
 from .models.devices import resolve_device
 from .models.loader import BatchingOptions, LoadedModel, ModelLoader, now
@@ -56,10 +57,11 @@ class TransformersModelRepository(ModelRepository):
         dtype: str = "auto",
         batching: BatchingOptions = BatchingOptions(),
         quantization_setting: str = quantization.NONE,
+        linear_kernels: str = Choice.TUNED.value,
     ) -> None:
         self._catalog = catalog
         self._executor = executor
-        self._loader = ModelLoader(memory_limits, dtype, quantization_setting, batching)
+        self._loader = ModelLoader(memory_limits, dtype, quantization_setting, batching, Choice(linear_kernels))
         self._loaded: dict[str, LoadedModel] = {}
         self._changed_at: dict[str, datetime] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -86,7 +88,14 @@ class TransformersModelRepository(ModelRepository):
         loaded.check_fits(len(prompt_ids), params.max_new_tokens)
         deadline = time.monotonic() + params.timeout_s
         request = SamplingRequest(
-            prompt_ids, params.max_new_tokens, params.temperature, deadline, top_p=params.top_p, seed=params.seed
+            prompt_ids,
+            params.max_new_tokens,
+            params.temperature,
+            deadline,
+            top_p=params.top_p,
+            seed=params.seed,
+            min_new_tokens=params.min_new_tokens,
+            ignore_eos=params.ignore_eos,
         )
         events = EventStream()
         decoder = IncrementalDecoder(loaded.tokenizer, params.stop)
@@ -252,6 +261,8 @@ class TransformersModelRepository(ModelRepository):
                 kv_cache_mb=round(loaded.cache.size_bytes / 2**20, 1),
                 batch=loaded.core.scheduler.load,
             )
+            if loaded.linear_kernels is not None:
+                metadata["linear_kernels"] = loaded.linear_kernels.describe()
             if loaded.core.failure:
                 metadata["engine_error"] = loaded.core.failure
         return Model(

@@ -85,6 +85,7 @@ class GenerationEngine:
             dtype=settings.model_dtype,
             batching=batching,
             quantization_setting=settings.quantization,
+            linear_kernels=settings.linear_kernels,
         )
         self.watchdog = MemoryWatchdog(
             self.repository, limits, keep={settings.default_model_id}, idle_timeout_s=settings.model_idle_timeout

@@ -1,6 +1,6 @@
 """Why batched decoding costs what it does on a CPU: one decoder layer stack's matrix products at
 a few rows (the decode batch), with the kernels torch offers for fp32 linear layers and ours
-(engine/layers/fast_linear.py).
+(engine/layers/tuned_linear.py times these and more per shape at load).
 
     python scripts/bench_matmul.py            # SmolLM2-135M's 30 layers of shapes, 2 threads
 

@@ -32,10 +32,11 @@ def slots_of(block_table: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner(StepRunner):
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache) -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, eos_token_ids: set[int]) -> None:
         self._model = model
         self._cache = cache
         self._device = next(model.parameters()).device
+        self._eos_index = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=self._device)
         self._generators: dict[int, torch.Generator] = {}  # a seeded sequence's own, kept across its steps
 
     def execute(self, step: ScheduledStep) -> list[int]:
@@ -45,6 +46,7 @@ class ModelRunner(StepRunner):
             for copy in step.copies:
                 self._cache.copy_tokens(copy.source, copy.target, copy.tokens)
             logits = self._forward(step)
+            self._mask_early_ends(logits, step.sampled)
             return choose_tokens(logits, [self._sampling(sequence) for sequence in step.sampled])
 
     def is_fatal(self, error: Exception) -> bool:
@@ -100,6 +102,13 @@ class ModelRunner(StepRunner):
         table = [(sequence.blocks + [PADDING_BLOCK] * widest)[:widest] for sequence in decoding]
         index = slots_of(torch.tensor(table, dtype=torch.long))
         return index.to(self._device), torch.tensor(lengths).to(self._device)
+
+    def _mask_early_ends(self, logits: torch.Tensor, sampled: list[Sequence]) -> None:
+        """Rows still short of their min_new_tokens cannot choose an end-of-sequence token."""
+        short = [row for row, s in enumerate(sampled) if len(s.output_ids) < s.request.min_new_tokens]
+        if short and len(self._eos_index):
+            rows = torch.tensor(short, dtype=torch.long, device=logits.device)
+            logits[rows[:, None], self._eos_index] = float("-inf")
 
     def _sampling(self, sequence: Sequence) -> RowSampling:
         request = sequence.request

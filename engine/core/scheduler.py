@@ -213,7 +213,7 @@ class Scheduler:
         if len(sequence.output_ids) == 1:
             sequence.first_token_at = now
             self._metrics.time_to_first_token.observe(now - sequence.submitted_at)
-        if token_id in self._eos:
+        if token_id in self._eos and not sequence.request.ignore_eos:
             self._retire(sequence, FinishReason.STOP)
             return
         sequence.sink(TokenEvent(token_id))

@@ -53,6 +53,8 @@ class SamplingRequest:
     deadline: float  # time.monotonic()
     top_p: float = 1.0
     seed: int | None = None
+    min_new_tokens: int = 0  # the runner masks end-of-sequence tokens until this many are generated
+    ignore_eos: bool = False  # an end-of-sequence token does not end the sequence
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The engine's fp32 CPU kernels (csrc/), built on first use with the local C++ compiler.
 
-- `small_linear`: linear layers for decode batches of a few rows (fast_linear.py).
+- `small_linear`: linear layers at a few rows, where MKL is slow (tuned_linear.py times it against the others).
 - `paged_decode_attention`: decoding tokens' attention read in place from the paged KV cache
   (paged_attention.py).
 

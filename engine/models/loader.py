@@ -24,7 +24,10 @@ from ..core.engine_core import EngineCore
 from ..core.kv_cache import PagedKVCache
 from ..core.model_runner import ModelRunner
 from ..core.scheduler import Scheduler
-from ..layers import fast_linear, paged_attention
+from ..layers import paged_attention
+from ..layers.kernels import load_kernels
+from ..layers.tuned_linear import Choice, TuningReport, tune_model
+from ..layers.tuning_cache import TuningCache, default_folder, host_key
 from . import quantization
 from .devices import dtype_for
 from .memory import MemoryLimits, check_room_for, estimate_footprint, release_freed_memory, weights_at_load
@@ -60,6 +63,7 @@ class LoadedModel:
     memory_bytes: int
     cache: PagedKVCache
     core: EngineCore
+    linear_kernels: TuningReport | None = None  # which kernel serves each linear shape, by row count
     loaded_at: datetime = field(default_factory=now)
     last_used_at: datetime = field(default_factory=now)
 
@@ -123,12 +127,20 @@ def on_a_thread_of_its_own(work: Callable[[], T]) -> T:
 
 class ModelLoader:
     def __init__(
-        self, memory_limits: MemoryLimits, dtype: str, quantization_setting: str, batching: BatchingOptions
+        self,
+        memory_limits: MemoryLimits,
+        dtype: str,
+        quantization_setting: str,
+        batching: BatchingOptions,
+        linear_kernels: Choice = Choice.TUNED,
+        tuning_folder: Path | None = None,
     ) -> None:
         self._memory_limits = memory_limits
         self._dtype_setting = dtype
         self._quantization_setting = quantization_setting
         self._batching = batching
+        self._linear_kernels = linear_kernels
+        self._tuning_folder = tuning_folder if tuning_folder is not None else default_folder()
 
     def load(self, entry: CatalogEntry, device: str) -> LoadedModel:
         """The model loaded and its engine core started, on a thread of its own (see on_a_thread_of_its_own)."""
@@ -150,7 +162,7 @@ class ModelLoader:
         int8_layers = quantization.quantize_linear_layers(model) if scheme == quantization.INT8 else 0
         if int8_layers:
             release_freed_memory()  # the float32 weights the int8 layers replaced
-        switched = fast_linear.accelerate(model)
+        tuning = self._tune_linear_layers(entry.model_id, model)
         if not paged_attention.install(model):
             raise GenerationError(
                 f"{type(model).__name__} does not route attention through transformers' attention interface, "
@@ -160,13 +172,29 @@ class ModelLoader:
         core = self._engine_core(entry.model_id, model, tokenizer, cache)
         core.start()
         memory_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        memory_bytes += tuning.copies_bytes if tuning else 0
         load_time = time.perf_counter() - started
         LOAD_SECONDS.labels(model=entry.model_id).observe(load_time)
         logger.info(
-            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB, %d linear layers int8, %d on the small-row kernel)",
-            entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20, int8_layers, switched,
+            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB, %d linear layers int8)",
+            entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20, int8_layers,
         )
-        return LoadedModel(entry.model_id, model, tokenizer, device, dtype, scheme, round(load_time, 3), memory_bytes, cache, core)
+        return LoadedModel(
+            entry.model_id, model, tokenizer, device, dtype, scheme, round(load_time, 3), memory_bytes, cache, core, tuning
+        )
+
+    def _tune_linear_layers(self, model_id: str, model: PreTrainedModel) -> TuningReport | None:
+        """Each fp32 CPU linear layer on its fastest kernel per row count, as measured on this host."""
+        key = f"{host_key(torch.get_num_threads())} | {self._linear_kernels.value}"
+        cache = TuningCache(self._tuning_folder, key)
+        report = tune_model(model, load_kernels, cache.load(), cache.save, self._linear_kernels)
+        if report is not None:
+            logger.info(
+                "%s: %d linear layers of %d shapes on their kernels, %s in %.2fs (%.0f MB of weight copies)",
+                model_id, report.layers, len(report.plans), "plans from the cache" if report.cached else "timed",
+                report.seconds, report.copies_bytes / 2**20,
+            )
+        return report
 
     def _check_room(self, entry: CatalogEntry, device: str, dtype: torch.dtype, scheme: str) -> None:
         files_size = sum(p.stat().st_size for p in Path(entry.path).glob("*") if p.is_file())
@@ -188,12 +216,13 @@ class ModelLoader:
         self, model_id: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: PagedKVCache
     ) -> EngineCore:
         batching = self._batching
+        eos = eos_token_ids(model, tokenizer)
         scheduler = Scheduler(
             BlockManager(cache.num_blocks),
-            eos_token_ids(model, tokenizer),
+            eos,
             max_batch_size=batching.max_batch_size,
             prefill_budget=batching.prefill_budget,
             max_queue_size=batching.max_queue_size,
             metrics=SchedulerMetrics.for_model(model_id),
         )
-        return EngineCore(scheduler, ModelRunner(model, cache), batching.batch_wait_s, name=model_id)
+        return EngineCore(scheduler, ModelRunner(model, cache, eos), batching.batch_wait_s, name=model_id)

@@ -75,7 +75,7 @@ def quantize_linear_layers(model: torch.nn.Module) -> int:
     """Swaps every plain float32 nn.Linear for an Int8Linear; returns how many.
 
     One layer at a time, so each float32 weight is dropped as its layer is swapped (unless an
-    embedding shares it). Run it before fast_linear.accelerate, which leaves Int8Linear alone.
+    embedding shares it). Run it before the linear layers are tuned, which leaves Int8Linear alone.
     """
     swapped = 0
     for parent in list(model.modules()):

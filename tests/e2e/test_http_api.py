@@ -56,6 +56,12 @@ def test_generate_answers_the_france_question(http):
     assert body["generation_time_ms"] > 0 and body["total_time_ms"] >= body["generation_time_ms"]
 
 
+def test_min_tokens_and_ignore_eos_make_the_answer_exactly_max_length_tokens(http):
+    for exactly in ({"min_tokens": 10}, {"ignore_eos": True}):
+        body = http.post("/generate", json={**FRANCE, "temperature": 0, "max_length": 10, **exactly}).json()
+        assert body["completion_tokens"] == 10 and body["finish_reason"] == "length", (exactly, body)
+
+
 def test_max_length_above_max_new_tokens_is_capped(http):
     body = http.post("/generate", json={**FRANCE, "max_length": 2048}).json()
     assert body["max_new_tokens"] == 10 and body["completion_tokens"] <= 10
@@ -94,6 +100,17 @@ def test_models_lists_the_store(http):
     model = next(model for model in body["models"] if model["id"] == DEFAULT_MODEL)
     assert model["metadata"]["architecture"] == "LlamaForCausalLM"
     assert model["metadata"]["context_length"] == 8192
+
+
+def test_models_shows_which_kernel_serves_each_linear_shape_at_each_row_count(http, default_model_loaded):
+    model = next(model for model in http.get("/models").json()["models"] if model["id"] == DEFAULT_MODEL)
+    kernels = model["metadata"]["linear_kernels"]
+    # SmolLM2-135M: q and o, k and v, gate and up, down, and the lm_head tied to the embeddings.
+    assert set(kernels["plans"]) == {"576x576", "192x576", "1536x576", "576x1536", "49152x576"}
+    for plan in kernels["plans"].values():
+        assert set(plan) == {"1", "2-8", "9-24", "25-64", "65+"}
+        assert set(plan.values()) <= {"mkl", "onednn", "transposed", "small_rows"}
+    assert kernels["layers"] == 30 * 7 + 1 and kernels["tuning_s"] >= 0 and kernels["copies_mb"] >= 0
 
 
 def test_probes_answer(http):
@@ -151,6 +168,10 @@ def test_optimize_memory_needs_no_body(http):
         ({"query": "a\u0000b"}, ["query", "NUL"]),
         ({"query": "hi", "timeout": 0}, ["timeout", "0.01", "0"]),
         ({"query": "hi", "timeout": 31}, ["timeout", "30", "31"]),
+        ({"query": "hi", "min_tokens": -1}, ["min_tokens", "0", "-1"]),
+        ({"query": "hi", "min_tokens": 1.5}, ["min_tokens", "integer", "1.5"]),
+        ({"query": "hi", "max_length": 3, "min_tokens": 4}, ["min_tokens", "max_length", "3", "4"]),
+        ({"query": "hi", "ignore_eos": "yes"}, ["ignore_eos", "boolean", "yes"]),
     ],
 )
 def test_invalid_generate_bodies_answer_422_naming_the_field(http, body, fragments):

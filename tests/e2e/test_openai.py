@@ -50,6 +50,22 @@ def test_max_tokens_ends_with_finish_reason_length_and_is_capped_by_max_new_toke
     assert capped.choices[0].message.content.startswith(short.choices[0].message.content)
 
 
+@pytest.mark.parametrize("exactly", [{"min_tokens": MAX_NEW_TOKENS}, {"ignore_eos": True}], ids=["min_tokens", "ignore_eos"])
+def test_vllms_min_tokens_and_ignore_eos_give_exactly_the_tokens_asked_for(client, exactly):
+    completion = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, max_tokens=MAX_NEW_TOKENS, extra_body=exactly
+    )
+    assert completion.usage.completion_tokens == MAX_NEW_TOKENS  # the answer alone is 8
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].message.content.startswith("The capital of France is Paris")
+
+
+def test_min_tokens_past_max_tokens_is_refused_naming_both(client):
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4, extra_body={"min_tokens": 5})
+    assert "min_tokens: must be between 0 and max_length (max_tokens), 4, got 5" in refused.value.message
+
+
 def test_streamed_chat_matches_the_whole_answer_and_ends_with_usage(client):
     whole = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
     stream = client.chat.completions.create(

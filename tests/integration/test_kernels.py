@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers import kernels, paged_attention
-from engine.layers.fast_linear import accelerate
 from engine.layers.kernels import SOURCES, load_kernels
 from engine.layers.paged_attention import StepPlan, decode_attention
+from engine.layers.tuned_linear import tune_model
 
 # (heads, kv heads, head dim): SmolLM2-135M, Qwen2.5-3B, plain multi-head, one KV head.
 SHAPES = [(9, 3, 64), (16, 2, 128), (4, 4, 64), (8, 1, 16)]
@@ -128,7 +128,8 @@ def test_a_model_with_no_fp32_cpu_linear_builds_nothing(unwritable, monkeypatch,
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(unwritable))
     load_kernels.cache_clear()
     try:
-        assert accelerate(torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=torch.bfloat16))) == 0
+        bf16_model = torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=torch.bfloat16))
+        assert tune_model(bf16_model, load_kernels, {}, lambda plans: None) is None
         assert caplog.records == []  # the build was not even tried
     finally:
         load_kernels.cache_clear()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from domain import GenerationParams, PromptBuilder
-from engine.layers.fast_linear import SmallBatchLinear
+from engine.layers.tuned_linear import TunedLinear
 from engine.models import quantization
 from engine.models.loader import BatchingOptions
 from engine.models.memory import LOAD_OVERHEAD, estimate_footprint, release_freed_memory, weights_at_load
@@ -99,7 +99,7 @@ def test_the_bundled_model_answers_paris_with_int8_layers_and_tied_embeddings_in
     lm_head = model.get_output_embeddings()
 
     assert not [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    assert not [name for name, module in model.named_modules() if isinstance(module, SmallBatchLinear)]
+    assert not [name for name, module in model.named_modules() if isinstance(module, TunedLinear)]
     assert isinstance(lm_head, Int8Linear) and embedding.dtype == torch.float32
     # The lm_head is the tied embedding, rounded to int8: within half a step of every weight.
     dequantized = lm_head.weight.float() * lm_head.weight_scale[:, None]

@@ -165,3 +165,17 @@ def test_a_raw_prompt_is_continued_without_the_chat_template(batched):
     completion = together(batched, (Prompt.raw(text), params(GREEDY, max_new_tokens=2)))[0]
     assert completion.text == " Paris."  # the leading space is kept: prompt + text reads on
     assert completion.prompt_tokens == len(batched.loaded(BUNDLED_MODEL_ID).tokenizer(text)["input_ids"])
+
+
+def test_min_tokens_and_ignore_eos_give_exactly_the_tokens_asked_for_beside_a_plain_row(batched):
+    """Greedy, the France answer is 7 text tokens and the end of sequence: both ask for 16."""
+    exact = params(GREEDY, max_new_tokens=16)
+    at_least, past_eos, plain = together(
+        batched, (FRANCE, params(exact, min_new_tokens=16)), (FRANCE, params(exact, ignore_eos=True)), (FRANCE, exact)
+    )
+    assert plain.text == "The capital of France is Paris." and plain.completion_tokens == 8
+    for generation in (at_least, past_eos):
+        assert generation.completion_tokens == 16 and generation.finish_reason == "length"
+        assert generation.text.startswith("The capital of France is Paris")
+    # Without the mask min_tokens' row would have sampled the end of sequence at its 8th token and stopped.
+    assert len(past_eos.text) > len(plain.text)

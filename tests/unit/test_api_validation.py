@@ -129,6 +129,8 @@ class TestGenerateRequests:
             "model_id": None,
             "timeout": None,
             "use_async": True,
+            "min_tokens": None,
+            "ignore_eos": False,
         }
 
     def test_the_app_gets_a_json_content_type_and_the_right_length(self, client: TestClient) -> None:

@@ -250,6 +250,23 @@ def test_a_prompt_and_its_params_cross_to_the_engine_through_json_unchanged(prom
     assert GenerationParams.from_dict(crossed_params) == params
 
 
+def test_min_tokens_is_at_most_the_length_asked_for_and_capped_with_it():
+    limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
+    assert limits.params_for(8, None, min_tokens=8).min_new_tokens == 8
+    assert limits.params_for(50, None, min_tokens=40).min_new_tokens == 10  # MAX_NEW_TOKENS caps both
+    assert limits.params_for(None, None).min_new_tokens == 0
+    with pytest.raises(InvalidRequestError, match=r"min_tokens: must be between 0 and max_length \(max_tokens\), 5, got 6"):
+        limits.params_for(5, None, min_tokens=6)
+    with pytest.raises(InvalidRequestError, match="min_tokens: must be between 0 and MAX_NEW_TOKENS, the default max_length, 10, got 11"):
+        limits.params_for(None, None, min_tokens=11)
+
+
+def test_ignore_eos_passes_through_and_is_off_by_default():
+    limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
+    assert limits.params_for(None, None, ignore_eos=True).ignore_eos is True
+    assert limits.params_for(None, None).ignore_eos is False
+
+
 def test_limits_pass_top_p_stop_and_seed_through_with_neutral_defaults():
     limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
     params = limits.params_for(None, 0.8, top_p=0.5, stop=("\n", "END"), seed=-7)

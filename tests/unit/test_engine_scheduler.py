@@ -77,6 +77,19 @@ def test_an_end_of_sequence_token_ends_it_with_stop_and_is_not_sent():
     assert caller.finish.reason is FinishReason.STOP and caller.finish.completion_tokens == 2
 
 
+def test_with_ignore_eos_an_end_of_sequence_token_is_sent_and_generation_goes_on_to_its_length():
+    runner = ScriptedRunner({tuple(prompt_of(5)): [5, EOS, 7]})
+    into = scheduler()
+    caller = RecordingCaller()
+    request = SamplingRequest(prompt_of(5), 4, 0.0, FAR, ignore_eos=True)
+    into.add(Sequence(request, caller.sink, block_hashes(request.prompt_ids)))
+
+    run_until_idle(into, runner)
+
+    assert caller.tokens == [5, EOS, 7, ScriptedRunner.FILLER]
+    assert caller.finish.reason is FinishReason.LENGTH and caller.finish.completion_tokens == 4
+
+
 def test_requests_are_admitted_oldest_first_while_the_batch_has_room():
     runner = ScriptedRunner()
     into = scheduler(max_batch_size=2)

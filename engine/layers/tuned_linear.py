@@ -1,0 +1,263 @@
+"""fp32 linear layers on the CPU, each row count served by the implementation that is fastest on this host.
+
+Which way of computing `x @ W.T` is fastest depends on the CPU, the shape and the number of rows, and
+no fixed choice holds across hosts: MKL takes a generic path on some CPUs, oneDNN's packed weights
+win at many rows on one host and lose on another, the engine's own small-row kernel wins at a
+decode step's few rows where MKL is slow. So at load the engine times every candidate on the
+model's own weights, for every shape and every bucket of row counts a step can have, and each layer
+then dispatches on its input's row count. The choice is cached on disk under a key of the CPU, its
+instruction sets, the thread count and the torch version (tuning_cache.py), so a restart on the
+same host does not time anything again.
+
+Candidates: MKL (`F.linear`), oneDNN with the weight packed once, `torch.mm` on a transposed copy,
+and the small-row kernel (csrc/small_linear.cpp) where it is built. A copy or a packed weight is
+kept only for a layer whose plan uses it, and it counts in the model's memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+class Kernel(str, enum.Enum):
+    MKL = "mkl"  # F.linear
+    ONEDNN = "onednn"  # oneDNN's inner product on a weight packed once
+    TRANSPOSED = "transposed"  # torch.mm on a contiguous [in, out] copy
+    SMALL_ROWS = "small_rows"  # the engine's kernel (csrc/small_linear.cpp)
+
+    @property
+    def copies_weight(self) -> bool:
+        return self in (Kernel.ONEDNN, Kernel.TRANSPOSED)
+
+
+@dataclass(frozen=True)
+class RowBucket:
+    low: int
+    high: int | None  # inclusive; None: no end
+    timed_rows: int  # the row count timed for the whole bucket
+
+    def holds(self, rows: int) -> bool:
+        return self.low <= rows and (self.high is None or rows <= self.high)
+
+    @property
+    def name(self) -> str:
+        if self.high is None:
+            return f"{self.low}+"
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+# A decode step has as many rows as decoding sequences (up to MAX_BATCH_SIZE); a step with prompt
+# chunks has up to PREFILL_TOKEN_BUDGET more.
+ROW_BUCKETS = (
+    RowBucket(1, 1, 1),
+    RowBucket(2, 8, 8),
+    RowBucket(9, 24, 24),
+    RowBucket(25, 64, 64),
+    RowBucket(65, None, 256),
+)
+BUCKET_OF_ROWS = [0, *(next(i for i, b in enumerate(ROW_BUCKETS) if b.holds(rows)) for rows in range(1, 65))]
+LAST_BUCKET = len(ROW_BUCKETS) - 1
+# A kernel that needs its own copy of the weight must beat the best one that does not by this much.
+COPY_MARGIN = 0.9
+# Timing runs over this many bytes of the shape's weights at least, more than a CPU's last-level
+# cache holds: in a model each weight is read from memory, not from cache.
+TIMED_BYTES = 96 << 20
+
+
+def bucket_of(rows: int) -> int:
+    return BUCKET_OF_ROWS[rows] if rows < len(BUCKET_OF_ROWS) else LAST_BUCKET
+
+
+Plan = tuple[Kernel, ...]  # one kernel per row bucket
+
+
+def shape_key(weight: torch.Tensor) -> str:
+    return f"{weight.shape[0]}x{weight.shape[1]}"
+
+
+class TunedLinear(torch.nn.Linear):
+    """A Linear whose inference calls go to the kernel its plan names for their row count."""
+
+    plan: Plan
+    small_rows: ModuleType | None  # the built kernels, when a plan uses them
+    packed: torch.Tensor | None  # oneDNN's packed weight
+    transposed: torch.Tensor | None  # [in, out], contiguous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // self.in_features if self.in_features else 0
+        kernel = self.plan[bucket_of(rows)] if rows else Kernel.MKL
+        if kernel is Kernel.MKL:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)
+        y = run_kernel(kernel, flat, self.weight, self.bias, self.packed, self.transposed, self.small_rows)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        plan = ", ".join(f"{bucket.name}: {kernel.value}" for bucket, kernel in zip(ROW_BUCKETS, self.plan))
+        return f"{super().extra_repr()}, plan=({plan})"
+
+
+def run_kernel(
+    kernel: Kernel,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor | None,
+    transposed: torch.Tensor | None,
+    small_rows: ModuleType | None,
+) -> torch.Tensor:
+    """x: [rows, in] contiguous fp32 -> [rows, out]."""
+    if kernel is Kernel.ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if kernel is Kernel.TRANSPOSED:
+        return torch.addmm(bias, x, transposed) if bias is not None else torch.mm(x, transposed)
+    if kernel is Kernel.SMALL_ROWS:
+        return small_rows.small_linear(x.contiguous(), weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def packed_for_onednn(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def transposed_copy(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().t().contiguous()
+
+
+class Choice(str, enum.Enum):
+    """LINEAR_KERNELS: which kernels may serve the fp32 CPU linear layers."""
+
+    TUNED = "tuned"  # every candidate, weight copies where they win
+    IN_PLACE = "in_place"  # the candidates that use the weights as they are: no extra memory
+    MKL = "mkl"  # F.linear everywhere, nothing timed
+
+
+def candidates(small_rows: ModuleType | None, choice: Choice = Choice.TUNED) -> list[Kernel]:
+    kernels = [Kernel.MKL]
+    if choice is Choice.TUNED:
+        kernels.append(Kernel.TRANSPOSED)
+        if torch.backends.mkldnn.is_available():
+            kernels.append(Kernel.ONEDNN)
+    if small_rows is not None and choice is not Choice.MKL:
+        kernels.append(Kernel.SMALL_ROWS)
+    return kernels
+
+
+def time_plan(layers: list[torch.nn.Linear], kernels: list[Kernel], small_rows: ModuleType | None, rounds: int = 3) -> Plan:
+    """The fastest of `kernels` for each row bucket, timed over layers of one shape (their own weights)."""
+    if kernels == [Kernel.MKL]:
+        return (Kernel.MKL,) * len(ROW_BUCKETS)
+    weight_bytes = layers[0].weight.numel() * 4
+    timed = layers[: max(1, -(-TIMED_BYTES // weight_bytes))]
+    layouts = {
+        Kernel.ONEDNN: [packed_for_onednn(layer.weight) for layer in timed] if Kernel.ONEDNN in kernels else None,
+        Kernel.TRANSPOSED: [transposed_copy(layer.weight) for layer in timed] if Kernel.TRANSPOSED in kernels else None,
+    }
+    plan = []
+    for bucket in ROW_BUCKETS:
+        x = torch.randn(bucket.timed_rows, layers[0].in_features)
+        spent = {kernel: [] for kernel in kernels}
+        for round_ in range(rounds + 1):  # the first round warms up and is not counted
+            for kernel in kernels:
+                started = time.perf_counter()
+                for index, layer in enumerate(timed):
+                    packed = layouts[Kernel.ONEDNN][index] if kernel is Kernel.ONEDNN else None
+                    transposed = layouts[Kernel.TRANSPOSED][index] if kernel is Kernel.TRANSPOSED else None
+                    run_kernel(kernel, x, layer.weight, layer.bias, packed, transposed, small_rows)
+                if round_:
+                    spent[kernel].append(time.perf_counter() - started)
+        median = {kernel: statistics.median(times) for kernel, times in spent.items()}
+        plan.append(fastest(median))
+    return tuple(plan)
+
+
+def fastest(median_s: dict[Kernel, float]) -> Kernel:
+    """The fastest kernel, but one that needs a copy of the weight only when it wins by COPY_MARGIN."""
+    in_place = min((k for k in median_s if not k.copies_weight), key=median_s.__getitem__)
+    best = min(median_s, key=median_s.__getitem__)
+    return best if median_s[best] < COPY_MARGIN * median_s[in_place] else in_place
+
+
+def install(layer: torch.nn.Linear, plan: Plan, small_rows: ModuleType | None) -> int:
+    """Makes the layer a TunedLinear on `plan`; returns the bytes of the weight copies it now keeps."""
+    layer.__class__ = TunedLinear
+    layer.plan = plan
+    layer.small_rows = small_rows if Kernel.SMALL_ROWS in plan else None
+    layer.packed = packed_for_onednn(layer.weight) if Kernel.ONEDNN in plan else None
+    layer.transposed = transposed_copy(layer.weight) if Kernel.TRANSPOSED in plan else None
+    return sum(copy.numel() * 4 for copy in (layer.packed, layer.transposed) if copy is not None)
+
+
+def tunable_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [
+        module
+        for module in model.modules()
+        if type(module) is torch.nn.Linear
+        and module.weight.dtype == torch.float32
+        and module.weight.device.type == "cpu"
+        and module.weight.is_contiguous()
+    ]
+
+
+@dataclass(frozen=True)
+class TuningReport:
+    plans: dict[str, Plan]  # shape -> plan
+    layers: int
+    copies_bytes: int
+    seconds: float
+    cached: bool
+
+    def describe(self) -> dict:
+        """For /models: which kernel serves each shape at each bucket of rows."""
+        return {
+            "layers": self.layers,
+            "copies_mb": round(self.copies_bytes / 2**20, 1),
+            "tuning_s": round(self.seconds, 2),
+            "from_cache": self.cached,
+            "plans": {
+                shape: {bucket.name: kernel.value for bucket, kernel in zip(ROW_BUCKETS, plan)}
+                for shape, plan in sorted(self.plans.items())
+            },
+        }
+
+
+def tune_model(
+    model: torch.nn.Module,
+    build_kernels: Callable[[], ModuleType | None],
+    cached_plans: dict[str, Plan],
+    save: Callable[[dict[str, Plan]], object],
+    choice: Choice = Choice.TUNED,
+) -> TuningReport | None:
+    """Puts every fp32 CPU Linear of the model on its plan: the cached one for its shape, else one timed
+    now (and saved). None when the model has no such layer (a GPU or bf16 model)."""
+    layers = tunable_layers(model)
+    if not layers:
+        return None
+    started = time.perf_counter()
+    small_rows = build_kernels() if choice is not Choice.MKL else None
+    kernels = candidates(small_rows, choice)
+    by_shape: dict[str, list[torch.nn.Linear]] = {}
+    for layer in layers:
+        by_shape.setdefault(shape_key(layer.weight), []).append(layer)
+    plans = {shape: cached_plans[shape] for shape in by_shape if shape in cached_plans}
+    missing = [shape for shape in by_shape if shape not in plans]
+    with torch.inference_mode():
+        for shape in missing:
+            plans[shape] = time_plan(by_shape[shape], kernels, small_rows)
+    if missing:
+        save(plans)
+    copies = sum(install(layer, plans[shape_key(layer.weight)], small_rows) for layer in layers)
+    return TuningReport(plans, len(layers), copies, time.perf_counter() - started, cached=not missing)

@@ -1,0 +1,97 @@
+"""The linear layers' plans (tuned_linear.py), kept on disk per host so a restart times nothing again.
+
+A plan holds for one host: the key names the CPU model, the instruction sets that decide which
+code paths MKL, oneDNN and the engine's kernels take, the thread count, the torch version and the
+engine kernels' sources. Any change gives a new key, and the layers are timed again. A folder that
+cannot be written costs only that: the layers are timed at every load, and the service serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .kernels import SOURCES, build_roots
+from .tuned_linear import Kernel, Plan
+
+logger = logging.getLogger(__name__)
+
+FILE_NAME = "linear-plans.json"
+# The flags that change which code a matrix product runs.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description(cpuinfo: str) -> tuple[str, list[str]]:
+    """The CPU's model name and which of ISA_FLAGS it has, from /proc/cpuinfo's text."""
+    lines = cpuinfo.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return model, [flag for flag in ISA_FLAGS if flag in flags]
+
+
+def host_key(threads: int, cpuinfo: str | None = None) -> str:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = cpu_description(cpuinfo)
+    kernels = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES if path.is_file())).hexdigest()[:12]
+    return f"{model} | {' '.join(flags) or 'no-simd-flags'} | {threads} threads | torch {torch.__version__} | kernels {kernels}"
+
+
+def default_folder() -> Path | None:
+    """The first of the kernels' build roots that can be written: a per-host cache, like their builds."""
+    for root in build_roots():
+        folder = root / "kernel-tuning"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    return None
+
+
+class TuningCache:
+    def __init__(self, folder: Path | None, key: str) -> None:
+        self.folder = folder
+        self.key = key
+
+    @property
+    def _path(self) -> Path | None:
+        return None if self.folder is None else self.folder / FILE_NAME
+
+    def _read_all(self) -> dict:
+        try:
+            return json.loads(self._path.read_text())
+        except (OSError, ValueError, AttributeError):  # no file yet, a damaged one, or no folder
+            return {}
+
+    def load(self) -> dict[str, Plan]:
+        stored = self._read_all().get(self.key, {})
+        try:
+            return {shape: tuple(Kernel(name) for name in plan) for shape, plan in stored.items()}
+        except ValueError:  # a kernel this version does not know: time again
+            return {}
+
+    def save(self, plans: dict[str, Plan]) -> bool:
+        """Writes this host's plans beside other hosts'; False (with a warning) where it cannot."""
+        if self._path is None:
+            logger.warning("no writable folder for the linear layers' plans: they are timed at every load")
+            return False
+        every_host = self._read_all()
+        every_host[self.key] = {shape: [kernel.value for kernel in plan] for shape, plan in plans.items()}
+        partial = self._path.with_name(f"{FILE_NAME}.{os.getpid()}.partial")
+        try:
+            partial.write_text(json.dumps(every_host, indent=1, sort_keys=True))
+            partial.replace(self._path)
+        except OSError as error:
+            logger.warning("cannot keep the linear layers' plans in %s (%s): they are timed at every load", self.folder, error)
+            return False
+        return True

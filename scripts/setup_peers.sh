@@ -36,9 +36,8 @@ ensure_compiler() {
 # The sdist's vendor/llama.cpp, copied to $LLAMA_SRC so that the build can be redone later.
 fetch_llama_source() {
     [[ -f $LLAMA_SRC/CMakeLists.txt ]] && return
-    local tmp
     tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' RETURN
+    trap 'rm -rf "$tmp"' EXIT  # an EXIT trap, not RETURN: that one stays set and fires with $tmp gone
     pip download --quiet --no-deps --no-binary :all: --dest "$tmp" llama-cpp-python
     tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
     local vendored

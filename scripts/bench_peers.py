@@ -302,7 +302,9 @@ def bench_server(
     name: str, run: int, args: argparse.Namespace, prompts: dict[CellSpec, list[list[dict]]]
 ) -> list[Cell]:
     port = free_port()
-    print(f"pass {run}: starting {name} on port {port}", file=sys.stderr, flush=True)
+    # The load average tells whether something else was using the CPU (the figures are then off).
+    load = os.getloadavg()[0]
+    print(f"pass {run}: starting {name} on port {port} (load average {load:.2f})", file=sys.stderr, flush=True)
     process = STARTERS[name](args, port)
     try:
         cells = []
@@ -396,13 +398,19 @@ def main() -> None:
     print(f"host: {cpu_model()}, {CORES} cores\n")
     prompts = workload_prompts(QUICK_CELLS if args.quick else FULL_CELLS, args.seed)
 
-    cells = []
+    cells, failures = [], []
     for run in range(1, args.passes + 1):
         order = args.servers if run % 2 else list(reversed(args.servers))
         for name in order:
-            cells.extend(bench_server(name, run, args, prompts))
+            try:
+                cells.extend(bench_server(name, run, args, prompts))
+            except SystemExit as failure:  # it did not come up (start_service exits): the others still run
+                print(failure, file=sys.stderr)
+                failures.append(f"{name} (pass {run}) did not start: {failure}")
     print_table(cells)
     print_ratios(cells)
+    for failure in failures:
+        print(f"\n{failure}")
     for name in args.no_min_tokens:
         print(f"\n{name} got max_tokens only (no min_tokens/ignore_eos): its short answers may end early and fail")
 

@@ -13,6 +13,15 @@ VLLM_VENV=$PEERS_DIR/vllm-venv
 LLAMA_SRC=$PEERS_DIR/llama.cpp-src
 LLAMA_BUILD=$PEERS_DIR/llama.cpp-build
 LLAMA_SERVER=$LLAMA_BUILD/bin/llama-server
+# No web UI (it would need npm or a prebuilt download) and no OpenSSL (loopback only). No AMX:
+# these VMs list amx_tile in /proc/cpuinfo and the kernel grants the permission, yet the first
+# tile instruction dies with SIGILL; -march=native would otherwise compile ggml's AMX kernels in.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+LLAMA_CMAKE_FLAGS=(
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON
+    -DCMAKE_BUILD_TYPE=Release "-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX"
+)
+LLAMA_STAMP=$LLAMA_BUILD/setup-flags  # the flags of the build there: other flags rebuild it
 
 setup_vllm() {
     if [[ ! -x $VLLM_VENV/bin/python ]]; then
@@ -48,13 +57,12 @@ fetch_llama_source() {
 }
 
 setup_llama() {
-    if [[ ! -x $LLAMA_SERVER ]]; then
+    if [[ ! -x $LLAMA_SERVER || $(cat "$LLAMA_STAMP" 2>/dev/null) != "${LLAMA_CMAKE_FLAGS[*]}" ]]; then
         ensure_compiler
         fetch_llama_source
-        # No web UI (it would need npm or a prebuilt download) and no OpenSSL (loopback only).
-        cmake -S "$LLAMA_SRC" -B "$LLAMA_BUILD" -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-            -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release
+        cmake -S "$LLAMA_SRC" -B "$LLAMA_BUILD" "${LLAMA_CMAKE_FLAGS[@]}"
         cmake --build "$LLAMA_BUILD" --target llama-server -j "$(nproc)"
+        echo "${LLAMA_CMAKE_FLAGS[*]}" >"$LLAMA_STAMP"
     fi
     "$LLAMA_SERVER" --version 2>&1 | head -n 2
 }

@@ -285,7 +285,9 @@ async def run_cell(server: str, url: str, run: int, spec: CellSpec, prompts: lis
     extra = {"stream": True, "stream_options": {"include_usage": True}, "temperature": 0, **lengths}
     bodies = [{"model": MODEL_ID, "messages": messages, **extra} for messages in prompts]
     gate = asyncio.Semaphore(spec.concurrency)
-    connector = aiohttp.TCPConnector(limit=spec.concurrency + 4)
+    # A new connection per request: llama-server closes its end after a stream, and a pooled
+    # connection that it closed fails the next request ("Cannot write to closing transport").
+    connector = aiohttp.TCPConnector(limit=spec.concurrency + 4, force_close=True)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as session:
 

@@ -123,11 +123,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def length_fields(server: str, tokens: int, max_only: bool) -> dict:
-    """What makes a server answer with exactly `tokens` tokens. llama-server has no min_tokens:
-    with ignore_eos it cannot stop before n_predict."""
-    if max_only:
-        return {"max_tokens": tokens}
+def length_fields(server: str, tokens: int) -> dict:
+    """What makes a server answer with exactly `tokens` tokens. llama-server ignores min_tokens:
+    with ignore_eos it cannot stop before n_predict (max_tokens means the same there)."""
     if server == "llama":
         return {"max_tokens": tokens, "n_predict": tokens, "ignore_eos": True}
     return {"max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True}
@@ -239,6 +237,9 @@ class Cell:
     def gateway_timeouts(self) -> int:
         return sum(r.status == 504 for r in self.results)
 
+    def stream_errors(self) -> int:  # an error event after the 200, such as ours' generation deadline
+        return sum(r.stream_error for r in self.results)
+
     def requests_per_s(self) -> float:
         return len(self.ok()) / self.wall_s
 
@@ -311,7 +312,7 @@ def bench_server(
     try:
         cells = []
         for spec, cell_prompts in prompts.items():
-            lengths = length_fields(name, spec.tokens, max_only=name in args.no_min_tokens)
+            lengths = length_fields(name, spec.tokens)
             cell = asyncio.run(run_cell(name, f"http://127.0.0.1:{port}", run, spec, cell_prompts, lengths))
             print(
                 f"  {spec.name}: {len(cell.ok())}/{spec.count} ok in {cell.wall_s:.1f} s", file=sys.stderr, flush=True
@@ -338,13 +339,13 @@ def print_header(*columns: str) -> None:
 
 
 def print_table(cells: list[Cell]) -> None:
-    columns = "server pass cell ok/sent req/s out_tok/s p50_s p95_s TTFT_p50_s non-200 504 wrong_length"
+    columns = "server pass cell ok/sent req/s out_tok/s p50_s p95_s TTFT_p50_s non-200 504 stream_error wrong_length"
     print_header(*(c.replace("_", " ") for c in columns.split()))
     for c in cells:
         print(
             f"| {c.server} | {c.run} | {c.spec.name} | {len(c.ok())}/{len(c.results)} | {c.requests_per_s():.2f} "
             f"| {c.tokens_per_s():.1f} | {c.latency(0.5):.3f} | {c.latency(0.95):.3f} | {c.ttft(0.5):.3f} "
-            f"| {c.not_200()} | {c.gateway_timeouts()} | {c.wrong_length()} |"
+            f"| {c.not_200()} | {c.gateway_timeouts()} | {c.stream_errors()} | {c.wrong_length()} |"
         )
 
 
@@ -386,10 +387,6 @@ def main() -> None:
     parser.add_argument(
         "--ours-env", action="append", default=[], metavar="NAME=VALUE", help="more environment for ours"
     )
-    parser.add_argument(
-        "--no-min-tokens", nargs="+", default=[], choices=list(STARTERS), metavar="SERVER",
-        help="send only max_tokens to these servers (for a build of ours without min_tokens/ignore_eos)",
-    )  # fmt: skip
     parser.add_argument("--vllm-venv", type=Path, default=PEERS_DIR / "vllm-venv")
     parser.add_argument("--llama-build", type=Path, default=PEERS_DIR / "llama.cpp-build")
     args = parser.parse_args()
@@ -413,8 +410,6 @@ def main() -> None:
     print_ratios(cells)
     for failure in failures:
         print(f"\n{failure}")
-    for name in args.no_min_tokens:
-        print(f"\n{name} got max_tokens only (no min_tokens/ignore_eos): its short answers may end early and fail")
 
 
 if __name__ == "__main__":

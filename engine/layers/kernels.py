@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -35,13 +36,23 @@ DEFAULT_BUILD_ROOT = Path(__file__).resolve().parents[2] / ".build" / "torch_ext
 NAME = "engine_kernels"
 
 
-def cpu_has_avx2_fma() -> bool:
+def read_cpuinfo() -> str:
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return {"avx2", "fma"} <= set(flags)
+        return ""
+
+
+def cpu_description(cpuinfo: str) -> tuple[str, set[str]]:
+    """The CPU's model name and its flags, from /proc/cpuinfo's text."""
+    lines = cpuinfo.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return model, flags
+
+
+def cpu_has_avx2_fma() -> bool:
+    return {"avx2", "fma"} <= cpu_description(read_cpuinfo())[1]
 
 
 def build_roots() -> list[Path]:
@@ -51,17 +62,31 @@ def build_roots() -> list[Path]:
     return [Path(explicit)] if explicit else [DEFAULT_BUILD_ROOT, Path(get_default_build_root())]
 
 
+def writable_folders(name: str) -> Iterator[Path]:
+    """`name` under each build root where it can be made and written, in the roots' order."""
+    for root in build_roots():
+        folder = root / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):  # torch takes a lock file there even to load a finished build
+            yield folder
+
+
+def kernel_sources() -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in (*SOURCES, *HEADERS)}
+
+
+def sources_digest(sources: dict[str, bytes]) -> str:
+    return hashlib.sha256(b"".join(name.encode() + b"\0" + text for name, text in sources.items())).hexdigest()[:12]
+
+
 def writable_build_dir() -> Path | None:
     """The first build root that can be written, with these sources and torch version's directory in it."""
-    sources = {path.name: path.read_bytes() for path in (*SOURCES, *HEADERS)}
-    digest = hashlib.sha256(b"".join(name.encode() + b"\0" + text for name, text in sources.items())).hexdigest()
-    name = f"{NAME}-torch{torch.__version__}-{digest[:12]}"
-    for root in build_roots():
-        build_dir = root / name
+    sources = kernel_sources()
+    for build_dir in writable_folders(f"{NAME}-torch{torch.__version__}-{sources_digest(sources)}"):
         try:
-            build_dir.mkdir(parents=True, exist_ok=True)
-            if not os.access(build_dir, os.W_OK):  # torch takes a lock file there even to load a finished build
-                continue
             for file_name, text in sources.items():
                 copy = build_dir / file_name
                 if not copy.exists():  # written once: a new mtime would make ninja build again

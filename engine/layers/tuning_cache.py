@@ -8,7 +8,6 @@ cannot be written costs only that: the layers are timed at every load, and the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import SOURCES, build_roots
+from .kernels import cpu_description, kernel_sources, read_cpuinfo, sources_digest, writable_folders
 from .tuned_linear import Kernel, Plan
 
 logger = logging.getLogger(__name__)
@@ -26,36 +25,15 @@ FILE_NAME = "linear-plans.json"
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def cpu_description(cpuinfo: str) -> tuple[str, list[str]]:
-    """The CPU's model name and which of ISA_FLAGS it has, from /proc/cpuinfo's text."""
-    lines = cpuinfo.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-    return model, [flag for flag in ISA_FLAGS if flag in flags]
-
-
 def host_key(threads: int, cpuinfo: str | None = None) -> str:
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    model, flags = cpu_description(cpuinfo)
-    kernels = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES if path.is_file())).hexdigest()[:12]
-    return f"{model} | {' '.join(flags) or 'no-simd-flags'} | {threads} threads | torch {torch.__version__} | kernels {kernels}"
+    model, flags = cpu_description(read_cpuinfo() if cpuinfo is None else cpuinfo)
+    isa = " ".join(flag for flag in ISA_FLAGS if flag in flags) or "no-simd-flags"
+    return f"{model} | {isa} | {threads} threads | torch {torch.__version__} | kernels {sources_digest(kernel_sources())}"
 
 
 def default_folder() -> Path | None:
     """The first of the kernels' build roots that can be written: a per-host cache, like their builds."""
-    for root in build_roots():
-        folder = root / "kernel-tuning"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            return folder
-    return None
+    return next(writable_folders("kernel-tuning"), None)
 
 
 class TuningCache:

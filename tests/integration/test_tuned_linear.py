@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from engine.layers import tuned_linear
+from engine.layers.kernels import cpu_description
 from engine.layers.tuned_linear import (
     ROW_BUCKETS,
     Choice,
@@ -21,7 +22,7 @@ from engine.layers.tuned_linear import (
     run_kernel,
     tune_model,
 )
-from engine.layers.tuning_cache import TuningCache, cpu_description, host_key
+from engine.layers.tuning_cache import TuningCache, host_key
 
 MAX_ROWS = 24
 ROW_COUNTS = range(1, MAX_ROWS + 2)
@@ -126,7 +127,7 @@ def test_another_host_key_tunes_again_and_both_hosts_plans_are_kept(kernel, tiny
 
 def test_the_host_key_names_the_cpu_its_instruction_sets_threads_and_torch():
     cpuinfo = "model name\t: Some CPU 9000\nflags\t\t: fpu avx2 fma avx512f amx_tile sse4_2\n"
-    assert cpu_description(cpuinfo) == ("Some CPU 9000", ["avx2", "fma", "avx512f", "amx_tile"])
+    assert cpu_description(cpuinfo) == ("Some CPU 9000", {"fpu", "avx2", "fma", "avx512f", "amx_tile", "sse4_2"})
     key = host_key(2, cpuinfo)
     assert key.startswith("Some CPU 9000 | avx2 fma avx512f amx_tile | 2 threads | torch ")
     assert host_key(4, cpuinfo) != key and host_key(2, cpuinfo.replace(" amx_tile", "")) != key

@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import httpx
-from serving import QUESTIONS, ROOT, STANCES, TOPICS, percentile, start_service, stop_service
+from serving import QUESTIONS, ROOT, STANCES, TOPICS, percentile, start_server, start_service, stop_service
 
 MODEL_ID = "smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,32 +130,6 @@ def length_fields(server: str, tokens: int) -> dict:
     return {"max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True}
 
 
-def start_process(
-    command: list[str], env: dict[str, str], ready_url: str, log: Path, timeout_s: float
-) -> subprocess.Popen:
-    """Starts a server in its own process group and waits until ready_url answers 200."""
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"{command[0]} exited with {process.returncode}; see {log}")
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    stop_service(process)
-    sys.exit(f"{command[0]} was not ready in {timeout_s:.0f} s; see {log}")
-
-
 def bundled_model_dir() -> str:
     """The store directory of the bundled model, in the HF layout (config, safetensors, tokenizer) vLLM reads."""
     import bentoml  # late: only the vLLM run needs it
@@ -188,7 +161,7 @@ def start_vllm(args: argparse.Namespace, port: int) -> subprocess.Popen:
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # it keeps one core for the front end by default: half of two
         "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB: over 40k tokens of this model's cache, far past 32 x 640
     }
-    return start_process(command, env, f"http://127.0.0.1:{port}/v1/models", ROOT / ".bench-peers-vllm.log", 900)
+    return start_server(command, env, f"http://127.0.0.1:{port}/v1/models", ROOT / ".bench-peers-vllm.log", 900)
 
 
 def start_llama(args: argparse.Namespace, port: int) -> subprocess.Popen:
@@ -196,7 +169,7 @@ def start_llama(args: argparse.Namespace, port: int) -> subprocess.Popen:
         str(args.llama_build / "bin" / "llama-server"), "-m", str(bundled_gguf()), "--port", str(port),
         "--host", "127.0.0.1", "-np", str(LLAMA_SLOTS), "-c", str(LLAMA_SLOTS * LLAMA_SLOT_CONTEXT), "-t", str(CORES),
     ]  # fmt: skip
-    return start_process(command, {}, f"http://127.0.0.1:{port}/health", ROOT / ".bench-peers-llama.log", 300)
+    return start_server(command, {}, f"http://127.0.0.1:{port}/health", ROOT / ".bench-peers-llama.log", 300)
 
 
 STARTERS = {"ours": start_ours, "vllm": start_vllm, "llama": start_llama}

@@ -52,22 +52,29 @@ def short_request(rng: random.Random) -> dict:
 
 
 
-def start_service(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    command = [BENTOML, "serve", "service:AIModelService", "--host", "127.0.0.1", "--port", str(port)]
+def start_server(command: list[str], env: dict[str, str], ready_url: str, log: Path, timeout_s: float = 300) -> subprocess.Popen:
+    """Starts a server in its own process group and waits until `ready_url` answers 200."""
     process = subprocess.Popen(
         command, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit(f"the service exited; see {log}")
+            sys.exit(f"{Path(command[0]).name} exited with {process.returncode}; see {log}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
                 return process
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    sys.exit(f"the service was not ready in 300 s; see {log}")
+    stop_service(process)
+    sys.exit(f"{Path(command[0]).name} was not ready in {timeout_s:.0f} s; see {log}")
+
+
+def start_service(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    """This project's service, `bentoml serve` from the checkout, once /readyz says it is ready."""
+    command = [BENTOML, "serve", "service:AIModelService", "--host", "127.0.0.1", "--port", str(port)]
+    return start_server(command, env, f"http://127.0.0.1:{port}/readyz", log)
 
 
 def stop_service(process: subprocess.Popen) -> None:

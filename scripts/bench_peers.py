@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
 from serving import QUESTIONS, ROOT, STANCES, TOPICS, percentile, start_server, start_service, stop_service
 
 MODEL_ID = "smollm2-135m-instruct"

@@ -3,6 +3,7 @@
 - `small_linear`: linear layers at a few rows, where MKL is slow (tuned_linear.py times it against the others).
 - `paged_decode_attention`: decoding tokens' attention read in place from the paged KV cache
   (paged_attention.py).
+- `rms_norm`, `rotary_embedding_`: a decoder layer's small operations, fused (fused_decoder.py).
 
 Both need AVX2 and FMA. Where the extension cannot be built (no AVX2/FMA, no compiler, no
 writable build directory, a failed build) the engine keeps F.linear and SDPA, with one warning.
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 # bindings.cpp exposes the functions the others define; one extension, one build.
-SOURCES = tuple(SOURCE_DIR / name for name in ("bindings.cpp", "small_linear.cpp", "paged_attention.cpp"))
+SOURCES = tuple(SOURCE_DIR / name for name in ("bindings.cpp", "small_linear.cpp", "paged_attention.cpp", "decoder_ops.cpp"))
 HEADERS = (SOURCE_DIR / "avx2.h",)  # included by the sources: copied and hashed with them, not compiled
 DEFAULT_BUILD_ROOT = Path(__file__).resolve().parents[2] / ".build" / "torch_extensions"
 NAME = "engine_kernels"

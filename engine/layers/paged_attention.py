@@ -158,16 +158,25 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     if engine_step is None:  # a plain transformers call (generate): behave as sdpa
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    plan = engine_step
-    layer = module.layer_idx
+    # transformers passes [1, heads, tokens, head_dim]; attend takes [tokens, heads, head_dim]
+    queries, keys, values = (states[0].transpose(0, 1) for states in (query, key, value))
+    return attend(engine_step, module.layer_idx, queries, keys, values, scaling).unsqueeze(0), None
+
+
+def attend(
+    plan: StepPlan,
+    layer: int,
+    queries: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Writes the step's new keys and values ([tokens, kv_heads, head_dim]) into the layer's cache,
+    then attends: [tokens, heads, head_dim] from queries of that shape."""
     keys, values = plan.cache.keys[layer], plan.cache.values[layer]
-    new_keys = key[0].transpose(0, 1)  # [tokens, kv_heads, head_dim]
-    new_values = value[0].transpose(0, 1)
     keys.index_copy_(0, plan.write_index, new_keys)
     values.index_copy_(0, plan.write_index, new_values)
-
-    queries = query[0].transpose(0, 1)  # [tokens, heads, head_dim]
-    output = torch.empty_like(queries)
+    output = torch.empty(queries.shape, dtype=queries.dtype, device=queries.device)
     if plan.decode_count:
         output[: plan.decode_count] = decode_attention(queries[: plan.decode_count], keys, values, plan, scaling)
     for chunk in plan.chunks:
@@ -185,7 +194,7 @@ def paged_attention_forward(
         output[chunk.start : chunk.end] = attended[0].transpose(0, 1)
     for group in plan.chunk_groups:
         output.index_copy_(0, group.token_index, grouped_chunk_attention(queries, keys, values, group, scaling))
-    return output.unsqueeze(0), None
+    return output
 
 
 def grouped_chunk_attention(

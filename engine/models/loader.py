@@ -25,6 +25,7 @@ from ..core.kv_cache import PagedKVCache
 from ..core.model_runner import ModelRunner
 from ..core.scheduler import Scheduler
 from ..layers import paged_attention
+from ..layers.fused_decoder import fuse_decoder
 from ..layers.kernels import load_kernels
 from ..layers.tuned_linear import Choice, TuningReport, tune_model
 from ..layers.tuning_cache import TuningCache, default_folder, host_key
@@ -159,6 +160,7 @@ class ModelLoader:
             release_freed_memory()
             raise InsufficientMemoryError(f"out of memory while loading {entry.model_id!r} on {device}: {exc}") from exc
         model.eval()
+        fused_layers = fuse_decoder(model, load_kernels)
         int8_layers = quantization.quantize_linear_layers(model) if scheme == quantization.INT8 else 0
         if int8_layers:
             release_freed_memory()  # the float32 weights the int8 layers replaced
@@ -176,8 +178,8 @@ class ModelLoader:
         load_time = time.perf_counter() - started
         LOAD_SECONDS.labels(model=entry.model_id).observe(load_time)
         logger.info(
-            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB, %d linear layers int8)",
-            entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20, int8_layers,
+            "loaded %s in %.2fs (%.0f MB, KV cache %.0f MB, %d decoder layers fused, %d linear layers int8)",
+            entry.model_id, load_time, memory_bytes / 2**20, cache.size_bytes / 2**20, fused_layers, int8_layers,
         )
         return LoadedModel(
             entry.model_id, model, tokenizer, device, dtype, scheme, round(load_time, 3), memory_bytes, cache, core, tuning

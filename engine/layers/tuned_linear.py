@@ -10,8 +10,10 @@ instruction sets, the thread count and the torch version (tuning_cache.py), so a
 same host does not time anything again.
 
 Candidates: MKL (`F.linear`), oneDNN with the weight packed once, `torch.mm` on a transposed copy,
-and the small-row kernel (csrc/small_linear.cpp) where it is built. A copy or a packed weight is
-kept only for a layer whose plan uses it, and it counts in the model's memory.
+and, where the engine's kernels are built, the small-row kernel (csrc/small_linear.cpp, AVX2) and,
+on a CPU with AVX-512, the packed kernel (csrc/packed_linear.cpp) on the weight packed into panels.
+A copy or a packed weight is kept only for a layer whose plan uses it, and it counts in the
+model's memory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from .kernels import cpu_description, read_cpuinfo
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,11 +38,12 @@ class Kernel(str, enum.Enum):
     MKL = "mkl"  # F.linear
     ONEDNN = "onednn"  # oneDNN's inner product on a weight packed once
     TRANSPOSED = "transposed"  # torch.mm on a contiguous [in, out] copy
-    SMALL_ROWS = "small_rows"  # the engine's kernel (csrc/small_linear.cpp)
+    SMALL_ROWS = "small_rows"  # the engine's AVX2 kernel (csrc/small_linear.cpp)
+    AVX512_PACKED = "avx512_packed"  # the engine's AVX-512 kernel on a weight packed into panels (csrc/packed_linear.cpp)
 
     @property
     def copies_weight(self) -> bool:
-        return self in (Kernel.ONEDNN, Kernel.TRANSPOSED)
+        return self in (Kernel.ONEDNN, Kernel.TRANSPOSED, Kernel.AVX512_PACKED)
 
 
 @dataclass(frozen=True)
@@ -57,16 +62,17 @@ class RowBucket:
         return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
 
 
-# A decode step has as many rows as decoding sequences (up to MAX_BATCH_SIZE); a step with prompt
-# chunks has up to PREFILL_TOKEN_BUDGET more.
+# A decode step has as many rows as decoding sequences (up to MAX_BATCH_SIZE, 32 by default); a
+# step with prompt chunks has up to PREFILL_TOKEN_BUDGET more.
 ROW_BUCKETS = (
     RowBucket(1, 1, 1),
     RowBucket(2, 8, 8),
-    RowBucket(9, 24, 24),
-    RowBucket(25, 64, 64),
-    RowBucket(65, None, 256),
+    RowBucket(9, 24, 16),
+    RowBucket(25, 48, 32),
+    RowBucket(49, 128, 64),
+    RowBucket(129, None, 256),
 )
-BUCKET_OF_ROWS = [0, *(next(i for i, b in enumerate(ROW_BUCKETS) if b.holds(rows)) for rows in range(1, 65))]
+BUCKET_OF_ROWS = [0, *(next(i for i, b in enumerate(ROW_BUCKETS) if b.holds(rows)) for rows in range(1, 129))]
 LAST_BUCKET = len(ROW_BUCKETS) - 1
 # A kernel that needs its own copy of the weight must beat the best one that does not by this much.
 COPY_MARGIN = 0.9
@@ -90,9 +96,8 @@ class TunedLinear(torch.nn.Linear):
     """A Linear whose inference calls go to the kernel its plan names for their row count."""
 
     plan: Plan
-    small_rows: ModuleType | None  # the built kernels, when a plan uses them
-    packed: torch.Tensor | None  # oneDNN's packed weight
-    transposed: torch.Tensor | None  # [in, out], contiguous
+    kernels: ModuleType | None  # the engine's built kernels, when a plan uses them
+    copies: dict[Kernel, torch.Tensor]  # the weight in each layout its plan's kernels read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
@@ -102,7 +107,7 @@ class TunedLinear(torch.nn.Linear):
         if kernel is Kernel.MKL:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)
-        y = run_kernel(kernel, flat, self.weight, self.bias, self.packed, self.transposed, self.small_rows)
+        y = run_kernel(kernel, flat, self.weight, self.bias, self.copies.get(kernel), self.kernels)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -115,26 +120,31 @@ def run_kernel(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    packed: torch.Tensor | None,
-    transposed: torch.Tensor | None,
-    small_rows: ModuleType | None,
+    copy: torch.Tensor | None,
+    kernels: ModuleType | None,
 ) -> torch.Tensor:
-    """x: [rows, in] contiguous fp32 -> [rows, out]."""
+    """x: [rows, in] contiguous fp32 -> [rows, out]; `copy` is weight_copy(kernel, weight, kernels)."""
     if kernel is Kernel.ONEDNN:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, copy, bias, "none", [], "")
     if kernel is Kernel.TRANSPOSED:
-        return torch.addmm(bias, x, transposed) if bias is not None else torch.mm(x, transposed)
+        return torch.addmm(bias, x, copy) if bias is not None else torch.mm(x, copy)
     if kernel is Kernel.SMALL_ROWS:
-        return small_rows.small_linear(x.contiguous(), weight, bias)
+        return kernels.small_linear(x.contiguous(), weight, bias)
+    if kernel is Kernel.AVX512_PACKED:
+        return kernels.packed_linear(x, copy, bias, weight.shape[0])
     return F.linear(x, weight, bias)
 
 
-def packed_for_onednn(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-
-
-def transposed_copy(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().t().contiguous()
+def weight_copy(kernel: Kernel, weight: torch.Tensor, kernels: ModuleType | None) -> torch.Tensor:
+    """The weight in the layout a kernel that copies it reads."""
+    weight = weight.detach()
+    if kernel is Kernel.ONEDNN:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    if kernel is Kernel.TRANSPOSED:
+        return weight.t().contiguous()  # [in, out]
+    if kernel is Kernel.AVX512_PACKED:
+        return kernels.pack_linear_weight(weight)
+    raise ValueError(f"{kernel.value} reads the weight as it is")
 
 
 class Choice(str, enum.Enum):
@@ -145,38 +155,42 @@ class Choice(str, enum.Enum):
     MKL = "mkl"  # F.linear everywhere, nothing timed
 
 
-def candidates(small_rows: ModuleType | None, choice: Choice = Choice.TUNED) -> list[Kernel]:
-    kernels = [Kernel.MKL]
+def candidates(kernels: ModuleType | None, choice: Choice = Choice.TUNED, cpu_flags: set[str] | None = None) -> list[Kernel]:
+    """The kernels to time: those `choice` allows that this torch, these built kernels and this CPU can run."""
+    found = [Kernel.MKL]
     if choice is Choice.TUNED:
-        kernels.append(Kernel.TRANSPOSED)
+        found.append(Kernel.TRANSPOSED)
         if torch.backends.mkldnn.is_available():
-            kernels.append(Kernel.ONEDNN)
-    if small_rows is not None and choice is not Choice.MKL:
-        kernels.append(Kernel.SMALL_ROWS)
-    return kernels
+            found.append(Kernel.ONEDNN)
+    if kernels is not None and choice is not Choice.MKL:
+        found.append(Kernel.SMALL_ROWS)
+        flags = cpu_description(read_cpuinfo())[1] if cpu_flags is None else cpu_flags
+        if choice is Choice.TUNED and "avx512f" in flags:
+            found.append(Kernel.AVX512_PACKED)
+    return found
 
 
-def time_plan(layers: list[torch.nn.Linear], kernels: list[Kernel], small_rows: ModuleType | None, rounds: int = 3) -> Plan:
-    """The fastest of `kernels` for each row bucket, timed over layers of one shape (their own weights)."""
-    if kernels == [Kernel.MKL]:
+def time_plan(layers: list[torch.nn.Linear], candidates: list[Kernel], kernels: ModuleType | None, rounds: int = 3) -> Plan:
+    """The fastest candidate for each row bucket, timed over layers of one shape (their own weights)."""
+    if candidates == [Kernel.MKL]:
         return (Kernel.MKL,) * len(ROW_BUCKETS)
     weight_bytes = layers[0].weight.numel() * 4
     timed = layers[: max(1, -(-TIMED_BYTES // weight_bytes))]
-    layouts = {
-        Kernel.ONEDNN: [packed_for_onednn(layer.weight) for layer in timed] if Kernel.ONEDNN in kernels else None,
-        Kernel.TRANSPOSED: [transposed_copy(layer.weight) for layer in timed] if Kernel.TRANSPOSED in kernels else None,
+    copies = {
+        kernel: [weight_copy(kernel, layer.weight, kernels) for layer in timed]
+        for kernel in candidates
+        if kernel.copies_weight
     }
     plan = []
     for bucket in ROW_BUCKETS:
         x = torch.randn(bucket.timed_rows, layers[0].in_features)
-        spent = {kernel: [] for kernel in kernels}
+        spent = {kernel: [] for kernel in candidates}
         for round_ in range(rounds + 1):  # the first round warms up and is not counted
-            for kernel in kernels:
+            for kernel in candidates:
                 started = time.perf_counter()
                 for index, layer in enumerate(timed):
-                    packed = layouts[Kernel.ONEDNN][index] if kernel is Kernel.ONEDNN else None
-                    transposed = layouts[Kernel.TRANSPOSED][index] if kernel is Kernel.TRANSPOSED else None
-                    run_kernel(kernel, x, layer.weight, layer.bias, packed, transposed, small_rows)
+                    copy = copies[kernel][index] if kernel in copies else None
+                    run_kernel(kernel, x, layer.weight, layer.bias, copy, kernels)
                 if round_:
                     spent[kernel].append(time.perf_counter() - started)
         median = {kernel: statistics.median(times) for kernel, times in spent.items()}
@@ -191,14 +205,13 @@ def fastest(median_s: dict[Kernel, float]) -> Kernel:
     return best if median_s[best] < COPY_MARGIN * median_s[in_place] else in_place
 
 
-def install(layer: torch.nn.Linear, plan: Plan, small_rows: ModuleType | None) -> int:
+def install(layer: torch.nn.Linear, plan: Plan, kernels: ModuleType | None) -> int:
     """Makes the layer a TunedLinear on `plan`; returns the bytes of the weight copies it now keeps."""
     layer.__class__ = TunedLinear
     layer.plan = plan
-    layer.small_rows = small_rows if Kernel.SMALL_ROWS in plan else None
-    layer.packed = packed_for_onednn(layer.weight) if Kernel.ONEDNN in plan else None
-    layer.transposed = transposed_copy(layer.weight) if Kernel.TRANSPOSED in plan else None
-    return sum(copy.numel() * 4 for copy in (layer.packed, layer.transposed) if copy is not None)
+    layer.kernels = kernels if any(kernel in plan for kernel in (Kernel.SMALL_ROWS, Kernel.AVX512_PACKED)) else None
+    layer.copies = {kernel: weight_copy(kernel, layer.weight, kernels) for kernel in set(plan) if kernel.copies_weight}
+    return sum(copy.numel() * copy.element_size() for copy in layer.copies.values())
 
 
 def tunable_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -247,8 +260,8 @@ def tune_model(
     if not layers:
         return None
     started = time.perf_counter()
-    small_rows = build_kernels() if choice is not Choice.MKL else None
-    kernels = candidates(small_rows, choice)
+    kernels = build_kernels() if choice is not Choice.MKL else None
+    timed_kernels = candidates(kernels, choice)
     by_shape: dict[str, list[torch.nn.Linear]] = {}
     for layer in layers:
         by_shape.setdefault(shape_key(layer.weight), []).append(layer)
@@ -256,8 +269,8 @@ def tune_model(
     missing = [shape for shape in by_shape if shape not in plans]
     with torch.inference_mode():
         for shape in missing:
-            plans[shape] = time_plan(by_shape[shape], kernels, small_rows)
+            plans[shape] = time_plan(by_shape[shape], timed_kernels, kernels)
     if missing:
         save(plans)
-    copies = sum(install(layer, plans[shape_key(layer.weight)], small_rows) for layer in layers)
+    copies = sum(install(layer, plans[shape_key(layer.weight)], kernels) for layer in layers)
     return TuningReport(plans, len(layers), copies, time.perf_counter() - started, cached=not missing)

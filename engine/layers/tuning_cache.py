@@ -1,8 +1,9 @@
 """The linear layers' plans (tuned_linear.py), kept on disk per host so a restart times nothing again.
 
 A plan holds for one host: the key names the CPU model, the instruction sets that decide which
-code paths MKL, oneDNN and the engine's kernels take, the thread count, the torch version and the
-engine kernels' sources. Any change gives a new key, and the layers are timed again. A folder that
+code paths MKL, oneDNN and the engine's kernels take, the thread count, the torch version, the
+engine kernels' sources and the row buckets a plan has a kernel for. Any change gives a new key,
+and the layers are timed again. A folder that
 cannot be written costs only that: the layers are timed at every load, and the service serves.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .kernels import cpu_description, kernel_sources, read_cpuinfo, sources_digest, writable_folders
-from .tuned_linear import Kernel, Plan
+from .tuned_linear import ROW_BUCKETS, Kernel, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
 def host_key(threads: int, cpuinfo: str | None = None) -> str:
     model, flags = cpu_description(read_cpuinfo() if cpuinfo is None else cpuinfo)
     isa = " ".join(flag for flag in ISA_FLAGS if flag in flags) or "no-simd-flags"
-    return f"{model} | {isa} | {threads} threads | torch {torch.__version__} | kernels {sources_digest(kernel_sources())}"
+    buckets = ",".join(bucket.name for bucket in ROW_BUCKETS)
+    return (
+        f"{model} | {isa} | {threads} threads | torch {torch.__version__} | kernels {sources_digest(kernel_sources())}"
+        f" | rows {buckets}"
+    )
 
 
 def default_folder() -> Path | None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from engine.layers import tuned_linear
-from engine.layers.kernels import cpu_description
+from engine.layers.kernels import cpu_description, read_cpuinfo
 from engine.layers.tuned_linear import (
     ROW_BUCKETS,
     Choice,
@@ -55,6 +55,45 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kernel, in_features
         assert torch.equal(kernel.small_linear(x[:rows], weight, bias), alone[:rows]), f"{rows} rows"
 
 
+@pytest.fixture
+def avx512_kernel(kernel):
+    if Kernel.AVX512_PACKED not in candidates(kernel):
+        pytest.skip(f"this CPU ({cpu_description(read_cpuinfo())[0]}) lacks AVX-512F, so the packed kernel never runs on it")
+    return kernel
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(576, 960), (1536, 576), (13, 5), (37, 100), (576, 49)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_avx512_kernel_matches_f_linear_at_every_row_count(avx512_kernel, in_features, out_features, with_bias):
+    generator = torch.Generator().manual_seed(in_features + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    panels = avx512_kernel.pack_linear_weight(weight)
+    for rows in [*range(1, 18), 32, 64, 200]:
+        x = torch.randn(rows, in_features, generator=generator)
+        atol = 1e-4 * (in_features / 576) ** 0.5
+        got = avx512_kernel.packed_linear(x, panels, bias, out_features)
+        torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=atol, msg=f"{rows} rows")
+
+
+def test_with_the_avx512_kernel_a_rows_result_does_not_depend_on_the_rows_beside_it(avx512_kernel):
+    generator = torch.Generator().manual_seed(9)
+    weight, bias = torch.randn(100, 576, generator=generator), torch.randn(100, generator=generator)
+    panels = avx512_kernel.pack_linear_weight(weight)
+    x = torch.randn(40, 576, generator=generator)
+    alone = torch.cat([avx512_kernel.packed_linear(x[r : r + 1], panels, bias, 100) for r in range(len(x))])
+    for rows in range(1, len(x) + 1):
+        assert torch.equal(avx512_kernel.packed_linear(x[:rows], panels, bias, 100), alone[:rows]), f"{rows} rows"
+
+
+def test_the_avx512_kernel_refuses_panels_of_another_shape(avx512_kernel):
+    panels = avx512_kernel.pack_linear_weight(torch.randn(100, 64))
+    with pytest.raises(RuntimeError, match="panels from pack_linear_weight"):
+        avx512_kernel.packed_linear(torch.randn(2, 65), panels, None, 100)
+    with pytest.raises(RuntimeError, match="out_features within the panels"):
+        avx512_kernel.packed_linear(torch.randn(2, 64), panels, None, 145)
+
+
 def tiny_model(tiny_qwen_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
 
@@ -73,19 +112,22 @@ def logits_at_every_bucket(model) -> list[torch.Tensor]:
 def test_every_candidate_gives_f_linears_result_at_every_bucket(kernel, shape, with_bias):
     generator = torch.Generator().manual_seed(shape[0] + shape[1])
     layer = torch.nn.Linear(shape[1], shape[0], bias=with_bias)
-    packed, transposed = tuned_linear.packed_for_onednn(layer.weight), tuned_linear.transposed_copy(layer.weight)
+    every = candidates(kernel)
+    copies = {k: tuned_linear.weight_copy(k, layer.weight, kernel) for k in every if k.copies_weight}
     with torch.inference_mode():
-        for rows in (1, 8, 24, 64, 65):
+        for rows in EDGE_ROWS:
             x = torch.randn(rows, shape[1], generator=generator)
             expected = F.linear(x, layer.weight, layer.bias)
-            for candidate in candidates(kernel):
-                got = run_kernel(candidate, x, layer.weight, layer.bias, packed, transposed, kernel)
+            for candidate in every:
+                got = run_kernel(candidate, x, layer.weight, layer.bias, copies.get(candidate), kernel)
                 atol = 1e-4 * (shape[1] / 576) ** 0.5  # fp32 sums of in_features products: rounding grows with sqrt
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=atol, msg=f"{candidate} at {rows} rows")
 
 
 @pytest.mark.parametrize("forced", list(Kernel))
 def test_a_model_whose_layers_all_run_one_kernel_gives_the_same_logits(kernel, tiny_qwen_dir, forced):
+    if forced not in candidates(kernel):
+        pytest.skip(f"{forced.value} does not run on this CPU ({cpu_description(read_cpuinfo())[0]})")
     plain, tuned = tiny_model(tiny_qwen_dir), tiny_model(tiny_qwen_dir)
     layers = tuned_linear.tunable_layers(tuned)
     for layer in layers:

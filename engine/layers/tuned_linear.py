@@ -39,7 +39,7 @@ class Kernel(str, enum.Enum):
     ONEDNN = "onednn"  # oneDNN's inner product on a weight packed once
     TRANSPOSED = "transposed"  # torch.mm on a contiguous [in, out] copy
     SMALL_ROWS = "small_rows"  # the engine's AVX2 kernel (csrc/small_linear.cpp)
-    AVX512_PACKED = "avx512_packed"  # the engine's AVX-512 kernel on a weight packed into panels (csrc/packed_linear.cpp)
+    AVX512_PACKED = "avx512_packed"  # the engine's AVX-512 kernel on packed panels (csrc/packed_linear.cpp)
 
     @property
     def copies_weight(self) -> bool:

@@ -1,0 +1,94 @@
+"""Do int8 verdicts agree with fp32's? QUANTIZATION=none against int8 on the same distinct
+classification prompts, through the engine's own repository and batch scheduler (no HTTP).
+
+    python scripts/int8_agreement.py                  # 500 prompts, the bundled default model
+    python scripts/int8_agreement.py --prompts 64     # a smoke run
+
+The prompts are the side-by-side benchmark's short workload (bench_peers.py): a yes/no or
+sentiment question over one post, laid out with the service's system prompt, each with its own
+author so no two are the same. Each is answered greedily (temperature 0, at most 10 tokens) by
+each way; the verdict is the answer's first word, lowercased, without punctuation. Prints how many
+verdicts agree and how many whole answers are identical, the verdicts' counts per way, and every
+disagreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("none", "int8")
+
+
+def verdict(text: str) -> str:
+    words = re.findall(r"[a-z]+", text.lower())
+    return words[0] if words else ""
+
+
+async def answers(repository, model_id: str, prompts, params, batch: int) -> list[str]:
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        generations = await asyncio.gather(*(repository.generate_text(model_id, p, params) for p in chunk))
+        texts += [generation.text for generation in generations]
+    return texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=32, help="requests submitted together")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+
+    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_peers import short_prompts
+    from domain import ChatMessage, GenerationParams, Prompt
+    from engine.models.catalog import BentoModelStoreCatalog
+    from engine.models.memory import MemoryLimits
+    from engine.repository import TransformersModelRepository
+    from settings import get_settings
+
+    model_id = get_settings().default_model_id
+    prompts = [
+        Prompt(tuple(ChatMessage(m["role"], m["content"]) for m in messages))
+        for messages in short_prompts(args.prompts, args.seed)
+    ]
+    params = GenerationParams(max_new_tokens=10, temperature=0.0, timeout_s=600)
+    limits = MemoryLimits(max_usage_fraction=0.95, min_free_gb=0.5, gpu_memory_fraction=0.8)
+    texts = {}
+    with ThreadPoolExecutor(4) as executor:
+        for mode in MODES:
+            repository = TransformersModelRepository(BentoModelStoreCatalog(), executor, limits, quantization_setting=mode)
+            asyncio.run(repository.load_model(model_id, "cpu"))
+            texts[mode] = asyncio.run(answers(repository, model_id, prompts, params, args.batch))
+            asyncio.run(repository.unload_model(model_id))
+            print(f"{mode}: {len(texts[mode])} answers", file=sys.stderr, flush=True)
+
+    verdicts = {mode: [verdict(text) for text in texts[mode]] for mode in MODES}
+    same_verdict = sum(a == b for a, b in zip(*verdicts.values()))
+    same_text = sum(a == b for a, b in zip(*texts.values()))
+    count = len(prompts)
+    print(f"model {model_id}, {count} distinct classification prompts, greedy, at most 10 tokens")
+    print(f"verdicts that agree: {same_verdict}/{count} ({same_verdict / count:.1%})")
+    print(f"answers identical word for word: {same_text}/{count} ({same_text / count:.1%})")
+    for mode in MODES:
+        print(f"{mode} verdicts: {dict(collections.Counter(verdicts[mode]).most_common())}")
+    for index, (fp32, int8) in enumerate(zip(*verdicts.values())):
+        if fp32 != int8:
+            print(f"  #{index}: none {texts['none'][index]!r} | int8 {texts['int8'][index]!r}")
+
+
+if __name__ == "__main__":
+    main()

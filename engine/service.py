@@ -64,6 +64,10 @@ class GenerationEngine:
         from .models.watchdog import MemoryWatchdog
         from .repository import TransformersModelRepository
 
+        # `bentoml serve` passes on only warnings from loggers other than its own; the engine's INFO
+        # lines (what each load did: dtype, fused layers, the linear kernels' plans and how long
+        # timing them took) say what the service is running on.
+        logging.getLogger("engine").setLevel(logging.INFO)
         yield_cpu_to_api_workers()
         self.memory = memory
         memory.limit_malloc_arenas()

@@ -5,7 +5,8 @@ a few rows (the decode batch), with the kernels torch offers for fp32 linear lay
     python scripts/bench_matmul.py            # SmolLM2-135M's 30 layers of shapes, 2 threads
 
 Prints milliseconds per pass over all 210 weight matrices (424 MB, so out of cache, as in a model),
-then over the lm_head (the 49152 x 576 tied embedding, 113 MB). F.linear and the small-row kernel
+then over the lm_head (the 49152 x 576 tied embedding, 113 MB). On a CPU with AVX-512 the
+engine's packed-panel kernel is timed too, on the fused decoder's shapes (q|k|v, gate|up). F.linear and the small-row kernel
 are timed alternately in the same loop, so their ratio holds even while the machine's speed drifts.
 """
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.mkldnn
 
-from engine.layers.kernels import load_kernels
+from engine.layers.kernels import cpu_description, load_kernels, read_cpuinfo
 
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 FUSED_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # q|k|v and gate|up in one matrix each
@@ -64,10 +65,14 @@ def main() -> None:
         layer.weight.data = weight
         onednn.append(torch.utils.mkldnn.to_mkldnn(torch.nn.Sequential(layer))[0])
     lm_head = torch.randn(*LM_HEAD_SHAPE)
+    avx512 = "avx512f" in cpu_description(read_cpuinfo())[1]
+    panels = [kernel.pack_linear_weight(weight) for weight in fused] if avx512 else []
+    lm_head_panels = kernel.pack_linear_weight(lm_head) if avx512 else None
     print(f"{args.threads} threads; ms per pass over 30 layers, then over the lm_head")
     print("| rows | F.linear | fused q/k/v, gate/up | oneDNN linear | MKL packed | small-row kernel (vs F.linear) "
-          "| lm_head F.linear | lm_head kernel (vs F.linear) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| AVX-512 packed, fused shapes (vs F.linear fused) | lm_head F.linear | lm_head kernel (vs F.linear) "
+          "| lm_head AVX-512 packed (vs F.linear) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rows in args.rows:
         inputs = {576: torch.randn(rows, 576), 1536: torch.randn(rows, 1536)}
         packed = [torch.ops.mkl._mkl_reorder_linear_weight(weight, rows) for weight in weights]
@@ -81,10 +86,13 @@ def main() -> None:
         fusion = timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in fused])
         dnn = timed(lambda: [layer(inputs[w.shape[1]]) for w, layer in zip(weights, onednn)])
         mkl = timed(lambda: [torch.ops.mkl._mkl_linear(inputs[w.shape[1]], p, w, None, rows) for w, p in zip(weights, packed)])
-        print(
-            f"| {rows} | {linear:.1f} | {fusion:.1f} | {dnn:.1f} | {mkl:.1f} | {small:.1f} ({small / linear:.2f}) "
-            f"| {head:.1f} | {small_head:.1f} ({small_head / head:.2f}) |"
-        )
+        if avx512:
+            on_panels = timed(lambda: [kernel.packed_linear(inputs[w.shape[1]], p, None, w.shape[0]) for w, p in zip(fused, panels)])
+            head_panels = timed(lambda: kernel.packed_linear(inputs[576], lm_head_panels, None, LM_HEAD_SHAPE[0]))
+            packed_cells = f"{on_panels:.1f} ({on_panels / fusion:.2f}) | {head:.1f} | {small_head:.1f} ({small_head / head:.2f}) | {head_panels:.1f} ({head_panels / head:.2f})"
+        else:
+            packed_cells = f"- | {head:.1f} | {small_head:.1f} ({small_head / head:.2f}) | -"
+        print(f"| {rows} | {linear:.1f} | {fusion:.1f} | {dnn:.1f} | {mkl:.1f} | {small:.1f} ({small / linear:.2f}) | {packed_cells} |")
 
 
 if __name__ == "__main__":

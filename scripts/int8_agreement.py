@@ -68,9 +68,10 @@ def main() -> None:
     params = GenerationParams(max_new_tokens=10, temperature=0.0, timeout_s=600)
     limits = MemoryLimits(max_usage_fraction=0.95, min_free_gb=0.5, gpu_memory_fraction=0.8)
     texts = {}
+    catalog = BentoModelStoreCatalog()
     with ThreadPoolExecutor(4) as executor:
         for mode in MODES:
-            repository = TransformersModelRepository(BentoModelStoreCatalog(), executor, limits, quantization_setting=mode)
+            repository = TransformersModelRepository(catalog, executor, limits, quantization_setting=mode)
             asyncio.run(repository.load_model(model_id, "cpu"))
             texts[mode] = asyncio.run(answers(repository, model_id, prompts, params, args.batch))
             asyncio.run(repository.unload_model(model_id))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import httpx
 import pytest
@@ -102,15 +103,19 @@ def test_models_lists_the_store(http):
     assert model["metadata"]["context_length"] == 8192
 
 
-def test_models_shows_which_kernel_serves_each_linear_shape_at_each_row_count(http, default_model_loaded):
+def test_models_shows_which_kernel_serves_each_linear_shape_at_each_row_count(http, default_model_loaded, service):
     model = next(model for model in http.get("/models").json()["models"] if model["id"] == DEFAULT_MODEL)
     kernels = model["metadata"]["linear_kernels"]
-    # SmolLM2-135M: q and o, k and v, gate and up, down, and the lm_head tied to the embeddings.
-    assert set(kernels["plans"]) == {"576x576", "192x576", "1536x576", "576x1536", "49152x576"}
+    # SmolLM2-135M, its decoder fused: q|k|v, o, gate|up, down, and the lm_head tied to the embeddings.
+    assert set(kernels["plans"]) == {"960x576", "576x576", "3072x576", "576x1536", "49152x576"}
     for plan in kernels["plans"].values():
-        assert set(plan) == {"1", "2-8", "9-24", "25-64", "65+"}
-        assert set(plan.values()) <= {"mkl", "onednn", "transposed", "small_rows"}
-    assert kernels["layers"] == 30 * 7 + 1 and kernels["tuning_s"] >= 0 and kernels["copies_mb"] >= 0
+        assert set(plan) == {"1", "2-8", "9-24", "25-48", "49-128", "129+"}
+        assert set(plan.values()) <= {"mkl", "onednn", "transposed", "small_rows", "avx512_packed"}
+    assert kernels["layers"] == 30 * 4 + 1 and kernels["tuning_s"] >= 0 and kernels["copies_mb"] >= 0
+    # and the engine's log says what the load did, and how long the plans took
+    tuned = rf"{DEFAULT_MODEL}: 121 linear layers of 5 shapes on their kernels, (timed|plans from the cache) in"
+    assert re.search(tuned, service.logs())
+    assert re.search(rf"loaded {DEFAULT_MODEL} in .*30 decoder layers fused", service.logs())
 
 
 def test_probes_answer(http):

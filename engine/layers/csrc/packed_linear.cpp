@@ -125,8 +125,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& panels,
                   y.data_ptr<float>(), rows.size(0), rows.size(1), out_features};
   // Whole panels per thread: each thread streams its own contiguous share of the packed weight.
   // With one tile a panel (8 rows or fewer) the panel's own read is the pass; prefetching the next
-  // one too only competes with it (measured: 0.43 against 0.46 ms for 3072x576 at 8 rows; at 32
-  // rows 0.69 against 0.72, and the lm_head 9.0 against 10.5).
+  // one too only competes with it (BENCHMARKS.md, "An AVX-512 kernel on packed weights").
   const bool several_tiles = rows.size(0) > kTileRows;
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel)

@@ -247,15 +247,48 @@ class TuningReport:
         }
 
 
-def tune_model(
+def copy_bytes(weight: torch.Tensor, kernel: Kernel) -> int:
+    """About what weight_copy(kernel, weight) takes (the packed panels round the features up to 48)."""
+    rows = -(-weight.shape[0] // 48) * 48 if kernel is Kernel.AVX512_PACKED else weight.shape[0]
+    return rows * weight.shape[1] * weight.element_size()
+
+
+@dataclass
+class ModelPlans:
+    """A plan for every fp32 CPU linear layer of a model, not yet installed."""
+
+    layers: list[torch.nn.Linear]
+    plans: dict[str, Plan]  # shape -> plan
+    kernels: ModuleType | None
+    cached: bool
+    seconds: float
+
+    @property
+    def copies_bytes(self) -> int:
+        """The weight copies that installing the plans makes."""
+        return sum(
+            copy_bytes(layer.weight, kernel)
+            for layer in self.layers
+            for kernel in set(self.plans[shape_key(layer.weight)])
+            if kernel.copies_weight
+        )
+
+    def install(self) -> TuningReport:
+        started = time.perf_counter()
+        copies = sum(install(layer, self.plans[shape_key(layer.weight)], self.kernels) for layer in self.layers)
+        seconds = self.seconds + time.perf_counter() - started
+        return TuningReport(self.plans, len(self.layers), copies, seconds, self.cached)
+
+
+def plan_model(
     model: torch.nn.Module,
     build_kernels: Callable[[], ModuleType | None],
     cached_plans: dict[str, Plan],
     save: Callable[[dict[str, Plan]], object],
     choice: Choice = Choice.TUNED,
-) -> TuningReport | None:
-    """Puts every fp32 CPU Linear of the model on its plan: the cached one for its shape, else one timed
-    now (and saved). None when the model has no such layer (a GPU or bf16 model)."""
+) -> ModelPlans | None:
+    """Every fp32 CPU Linear's plan: the cached one for its shape, else one timed now (and saved).
+    None when the model has no such layer (a GPU or bf16 model)."""
     layers = tunable_layers(model)
     if not layers:
         return None
@@ -272,5 +305,16 @@ def tune_model(
             plans[shape] = time_plan(by_shape[shape], timed_kernels, kernels)
     if missing:
         save(plans)
-    copies = sum(install(layer, plans[shape_key(layer.weight)], kernels) for layer in layers)
-    return TuningReport(plans, len(layers), copies, time.perf_counter() - started, cached=not missing)
+    return ModelPlans(layers, plans, kernels, cached=not missing, seconds=time.perf_counter() - started)
+
+
+def tune_model(
+    model: torch.nn.Module,
+    build_kernels: Callable[[], ModuleType | None],
+    cached_plans: dict[str, Plan],
+    save: Callable[[dict[str, Plan]], object],
+    choice: Choice = Choice.TUNED,
+) -> TuningReport | None:
+    """Puts every fp32 CPU Linear of the model on its plan (plan_model). None when it has none."""
+    planned = plan_model(model, build_kernels, cached_plans, save, choice)
+    return planned.install() if planned else None

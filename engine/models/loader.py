@@ -27,7 +27,7 @@ from ..core.scheduler import Scheduler
 from ..layers import paged_attention
 from ..layers.fused_decoder import fuse_decoder
 from ..layers.kernels import load_kernels
-from ..layers.tuned_linear import Choice, TuningReport, tune_model
+from ..layers.tuned_linear import Choice, TuningReport, plan_model
 from ..layers.tuning_cache import TuningCache, default_folder, host_key
 from . import quantization
 from .devices import dtype_for
@@ -186,17 +186,36 @@ class ModelLoader:
         )
 
     def _tune_linear_layers(self, model_id: str, model: PreTrainedModel) -> TuningReport | None:
-        """Each fp32 CPU linear layer on its fastest kernel per row count, as measured on this host."""
-        key = f"{host_key(torch.get_num_threads())} | {self._linear_kernels.value}"
-        cache = TuningCache(self._tuning_folder, key)
-        report = tune_model(model, load_kernels, cache.load(), cache.save, self._linear_kernels)
-        if report is not None:
-            logger.info(
-                "%s: %d linear layers of %d shapes on their kernels, %s in %.2fs (%.0f MB of weight copies)",
-                model_id, report.layers, len(report.plans), "plans from the cache" if report.cached else "timed",
-                report.seconds, report.copies_bytes / 2**20,
+        """Each fp32 CPU linear layer on its fastest kernel per row count, as measured on this host.
+        Where the plans' weight copies (and the KV cache still to come) would break the memory
+        limits, the layers take the fastest kernels that read the weights in place instead."""
+        for choice in dict.fromkeys((self._linear_kernels, Choice.IN_PLACE)):
+            cache = TuningCache(self._tuning_folder, f"{host_key(torch.get_num_threads())} | {choice.value}")
+            planned = plan_model(model, load_kernels, cache.load(), cache.save, choice)
+            if planned is None:
+                return None
+            copies = planned.copies_bytes
+            if not copies or self._room_for(model_id, copies + self._batching.kv_cache_bytes):
+                break
+            logger.warning(
+                "%s: no room for %.0f MB of weight copies beside a %.0f MB KV cache within MAX_MEMORY_USAGE and "
+                "MIN_MEMORY_GB; its linear layers use their weights in place (as LINEAR_KERNELS=in_place)",
+                model_id, copies / 2**20, self._batching.kv_cache_bytes / 2**20,
             )
+        report = planned.install()
+        logger.info(
+            "%s: %d linear layers of %d shapes on their kernels, %s in %.2fs (%.0f MB of weight copies)",
+            model_id, report.layers, len(report.plans), "plans from the cache" if report.cached else "timed",
+            report.seconds, report.copies_bytes / 2**20,
+        )
         return report
+
+    def _room_for(self, model_id: str, footprint: int) -> bool:
+        try:
+            check_room_for(model_id, footprint, "cpu", self._memory_limits)
+        except InsufficientMemoryError:
+            return False
+        return True
 
     def _check_room(self, entry: CatalogEntry, device: str, dtype: torch.dtype, scheme: str) -> None:
         files_size = sum(p.stat().st_size for p in Path(entry.path).glob("*") if p.is_file())

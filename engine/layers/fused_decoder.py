@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from . import paged_attention
 
-# model_type -> its decoder layers' module names. These compute x + attn(norm(x)), then
-# h + mlp(norm(h)), with rotate-half rotary embeddings, SiLU-gated MLPs and LlamaRMSNorm's norm.
+# Their decoder layers compute x + attn(norm(x)), then h + mlp(norm(h)), with rotate-half rotary
+# embeddings, SiLU-gated MLPs and LlamaRMSNorm's norm.
 FUSABLE_MODEL_TYPES = {"llama", "qwen2", "mistral"}
 SILU = {"silu", "swish"}
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from serving import use_the_checkout_in_process
+
 # --against: (MODEL_DTYPE, QUANTIZATION) of each way, fp32 first
 WAYS = {
     "int8": {"fp32": ("float32", "none"), "int8": ("float32", "int8")},
@@ -55,11 +54,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
-    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "scripts"))
+    use_the_checkout_in_process()
     from bench_peers import short_prompts
     from domain import ChatMessage, GenerationParams, Prompt
     from engine.models.catalog import BentoModelStoreCatalog

@@ -28,11 +28,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from serving import short_request, use_the_checkout_in_process
+
 MODES = ("none", "int8")
 STORIES = ["a dragon", "a lighthouse keeper", "a lost robot", "two rival bakers", "a river", "a winter journey",
            "a clockmaker", "a city under the sea"]
@@ -86,11 +86,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(4, len(os.sched_getaffinity(0))))
     args = parser.parse_args()
 
-    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "scripts"))
+    use_the_checkout_in_process()
     import torch
 
     from domain import GenerationParams
@@ -98,7 +94,6 @@ def main() -> None:
     from engine.models.loader import BatchingOptions
     from engine.models.memory import MemoryLimits, release_freed_memory
     from engine.repository import TransformersModelRepository
-    from serving import short_request
     from settings import get_settings
 
     torch.set_num_threads(args.threads)

@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from serving import use_the_checkout_in_process
 
 
 class ModuleTimes:
@@ -60,11 +57,7 @@ def main() -> None:
     parser.add_argument("--quantization", default="none", choices=["none", "int8"])
     args = parser.parse_args()
 
-    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "scripts"))
+    use_the_checkout_in_process()
     import torch
 
     from bench_peers import long_prompts

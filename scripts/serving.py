@@ -40,6 +40,15 @@ QUESTIONS = [
     "Is this post spam? Answer yes or no.",
 ]
 
+def use_the_checkout_in_process() -> None:
+    """For scripts that load models in their own process: the checkout's code and model store,
+    offline, untracked. Call it before importing the project's modules."""
+    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    sys.path.insert(0, str(ROOT))
+
+
 def percentile(values: list[float], q: float) -> float:
     """The nearest-rank value at fraction q (0.5: the median) of the values."""
     ordered = sorted(values)

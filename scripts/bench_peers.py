@@ -158,10 +158,17 @@ def start_ours_bf16(args: argparse.Namespace, port: int) -> subprocess.Popen:
     return start_ours(args, port, "bfloat16")
 
 
+def host_cpu() -> tuple[str, set[str]]:
+    """The CPU's model name and flags, read as the engine reads them."""
+    sys.path.insert(0, str(ROOT))
+    from engine.layers.kernels import cpu_description, read_cpuinfo
+
+    return cpu_description(read_cpuinfo())
+
+
 def bf16_native() -> bool:
     """Whether the CPU computes bf16 products itself (AVX512-BF16 or AMX) rather than emulating them."""
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo_lines() if line.startswith("flags")), [])
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16"} & host_cpu()[1])
 
 
 def start_vllm(args: argparse.Namespace, port: int) -> subprocess.Popen:
@@ -315,14 +322,6 @@ def bench_server(
 # --- report ------------------------------------------------------------------------------------
 
 
-def cpuinfo_lines() -> list[str]:
-    return Path("/proc/cpuinfo").read_text().splitlines()
-
-
-def cpu_model() -> str:
-    return next((line.split(":", 1)[1].strip() for line in cpuinfo_lines() if line.startswith("model name")), "unknown")
-
-
 def print_header(*columns: str) -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + " --- |" * len(columns))
@@ -389,7 +388,7 @@ def main() -> None:
     os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    print(f"host: {cpu_model()}, {CORES} cores\n")
+    print(f"host: {host_cpu()[0]}, {CORES} cores\n")
     prompts = workload_prompts(QUICK_CELLS if args.quick else FULL_CELLS, args.seed)
 
     cells, failures = [], []

@@ -76,15 +76,13 @@ def replace_with_fused(owner: torch.nn.Module, names: list[str], fused_name: str
 class FusedAttention:
     """Mixed into a decoder layer's attention class. q|k|v in one projection, rotated in place."""
 
-    num_heads: int
-    num_key_value_heads: int
     head_dim: int
     kernels: ModuleType
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, engine_step=None, **kwargs):
         if engine_step is None:
             return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
-        heads, kv_heads, dim = self.num_heads, self.num_key_value_heads, self.head_dim
+        heads, kv_heads, dim = self.config.num_attention_heads, self.config.num_key_value_heads, self.head_dim
         tokens = hidden_states.shape[1]
         qkv = self.qkv_proj(hidden_states[0]).contiguous()  # [tokens, (heads + 2 kv_heads) * dim]
         cos, sin = (part[0].contiguous() for part in position_embeddings)
@@ -150,12 +148,10 @@ def fuse_decoder(model: torch.nn.Module, build_kernels: Callable[[], ModuleType 
     kernels = build_kernels()
     if kernels is None:
         return 0
-    config = model.config
     layers = model.model.layers
     for layer in layers:
         attention, mlp = layer.self_attn, layer.mlp
         replace_with_fused(attention, ["q_proj", "k_proj", "v_proj"], "qkv_proj")
-        attention.num_heads, attention.num_key_value_heads = config.num_attention_heads, config.num_key_value_heads
         attention.kernels = kernels
         swap_class(attention, FusedAttention)
         replace_with_fused(mlp, ["gate_proj", "up_proj"], "gate_up_proj")

@@ -31,7 +31,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 # bindings.cpp exposes the functions the others define; one extension, one build.
-SOURCES = tuple(SOURCE_DIR / name for name in ("bindings.cpp", "small_linear.cpp", "paged_attention.cpp", "decoder_ops.cpp", "packed_linear.cpp"))
+SOURCES = tuple(
+    SOURCE_DIR / name
+    for name in ("bindings.cpp", "small_linear.cpp", "paged_attention.cpp", "decoder_ops.cpp", "packed_linear.cpp")
+)
 HEADERS = (SOURCE_DIR / "avx2.h",)  # included by the sources: copied and hashed with them, not compiled
 DEFAULT_BUILD_ROOT = Path(__file__).resolve().parents[2] / ".build" / "torch_extensions"
 NAME = "engine_kernels"

@@ -155,7 +155,7 @@ class Choice(str, enum.Enum):
     MKL = "mkl"  # F.linear everywhere, nothing timed
 
 
-def candidates(kernels: ModuleType | None, choice: Choice = Choice.TUNED, cpu_flags: set[str] | None = None) -> list[Kernel]:
+def candidates(kernels: ModuleType | None, choice: Choice = Choice.TUNED) -> list[Kernel]:
     """The kernels to time: those `choice` allows that this torch, these built kernels and this CPU can run."""
     found = [Kernel.MKL]
     if choice is Choice.TUNED:
@@ -164,13 +164,14 @@ def candidates(kernels: ModuleType | None, choice: Choice = Choice.TUNED, cpu_fl
             found.append(Kernel.ONEDNN)
     if kernels is not None and choice is not Choice.MKL:
         found.append(Kernel.SMALL_ROWS)
-        flags = cpu_description(read_cpuinfo())[1] if cpu_flags is None else cpu_flags
-        if choice is Choice.TUNED and "avx512f" in flags:
+        if choice is Choice.TUNED and "avx512f" in cpu_description(read_cpuinfo())[1]:
             found.append(Kernel.AVX512_PACKED)
     return found
 
 
-def time_plan(layers: list[torch.nn.Linear], candidates: list[Kernel], kernels: ModuleType | None, rounds: int = 3) -> Plan:
+def time_plan(
+    layers: list[torch.nn.Linear], candidates: list[Kernel], kernels: ModuleType | None, rounds: int = 3
+) -> Plan:
     """The fastest candidate for each row bucket, timed over layers of one shape (their own weights)."""
     if candidates == [Kernel.MKL]:
         return (Kernel.MKL,) * len(ROW_BUCKETS)

@@ -64,7 +64,8 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kernel, in_features
 @pytest.fixture
 def avx512_kernel(kernel):
     if Kernel.AVX512_PACKED not in candidates(kernel):
-        pytest.skip(f"this CPU ({cpu_description(read_cpuinfo())[0]}) lacks AVX-512F, so the packed kernel never runs on it")
+        cpu = cpu_description(read_cpuinfo())[0]
+        pytest.skip(f"this CPU ({cpu}) lacks AVX-512F, so the engine never offers the packed kernel on it")
     return kernel
 
 
@@ -133,7 +134,8 @@ def test_every_candidate_gives_f_linears_result_at_every_bucket(kernel, shape, w
 @pytest.mark.parametrize("forced", list(Kernel))
 def test_a_model_whose_layers_all_run_one_kernel_gives_the_same_logits(kernel, tiny_qwen_dir, forced):
     if forced not in candidates(kernel):
-        pytest.skip(f"{forced.value} does not run on this CPU ({cpu_description(read_cpuinfo())[0]})")
+        cpu = cpu_description(read_cpuinfo())[0]
+        pytest.skip(f"{forced.value} is never a candidate here: this torch build or CPU ({cpu}) cannot run it")
     plain, tuned = tiny_model(tiny_qwen_dir), tiny_model(tiny_qwen_dir)
     layers = tuned_linear.tunable_layers(tuned)
     for layer in layers:

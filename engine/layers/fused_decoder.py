@@ -156,10 +156,8 @@ def fuse_decoder(model: torch.nn.Module, build_kernels: Callable[[], ModuleType 
         swap_class(attention, FusedAttention)
         replace_with_fused(mlp, ["gate_proj", "up_proj"], "gate_up_proj")
         swap_class(mlp, FusedMLP)
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.kernels = kernels
-            swap_class(norm, FusedRMSNorm)
-    final_norm = model.model.norm
-    final_norm.kernels = kernels
-    swap_class(final_norm, FusedRMSNorm)
+    norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    for norm in (*norms, model.model.norm):
+        norm.kernels = kernels
+        swap_class(norm, FusedRMSNorm)
     return len(layers)

@@ -25,6 +25,7 @@ from adapters.drain import defer_sigterm, drain_limit_s
 from adapters.engine_client import ENGINE_UNREACHABLE, EngineClient
 from adapters.response_cache import response_cache_for
 from api.admission import AdmissionGate, AdmissionMiddleware
+from api.batch import answer_items, classify_command, generation_command
 from api.errors import openai_error_response, response_for
 from api.openai import GENERATION_PATHS as OPENAI_GENERATION_PATHS
 from api.openai import STREAM_EVENTS as OPENAI_STREAM_EVENTS
@@ -32,6 +33,9 @@ from api.openai import UnroutedPathMiddleware, build_openai_app
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from api.openapi import DocumentedErrorsMiddleware
 from api.schemas import (
+    BatchClassifyResponse,
+    BatchGenerateResponse,
+    ClassifyResponse,
     EmptyRequest,
     GenerateResponse,
     HealthResponse,
@@ -44,14 +48,27 @@ from api.schemas import (
 )
 from api.streaming import STREAM_EVENTS, cancel_on_disconnect, server_sent_events
 from api.validation import RequestValidationMiddleware
-from domain import GenerateText, GenerateTextUseCase, Generation, LoadModel, ModelService, OptimizeMemory, UnloadModel
+from domain import (
+    Classify,
+    GenerateText,
+    GenerateTextUseCase,
+    Generation,
+    InvalidRequestError,
+    LoadModel,
+    ModelService,
+    OptimizeMemory,
+    UnloadModel,
+)
 from engine.service import GenerationEngine
 from settings import get_settings
 from tracing import trace_requests_not_messages
 
 settings = get_settings()
 trace_requests_not_messages()  # before BentoML builds the apps of this process
-GenerateRequest, LoadModelRequest, UnloadModelRequest = request_schemas(settings)
+schemas = request_schemas(settings)
+GenerateRequest, ClassifyRequest, LoadModelRequest, UnloadModelRequest = (
+    schemas.generate, schemas.classify, schemas.load_model, schemas.unload_model
+)
 # The engine enforces MAX_GENERATION_TIME inside generation; this only catches a stuck hop.
 HTTP_TIMEOUT_S = int(settings.max_generation_time) + 60
 READINESS_PROBE_TIMEOUT_S = 2
@@ -141,19 +158,27 @@ class AIModelService:
             await self.response_cache.close()
 
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
-    async def generate(self, ctx: bentoml.Context, **request: Any) -> GenerateResponse:
-        return await answer(cancel_on_disconnect(ctx.request, self._generate(GenerateText(**request))), ctx)
+    async def generate(self, ctx: bentoml.Context, **request: Any) -> GenerateResponse | BatchGenerateResponse:
+        """The answer to `query` with its `context`; with `choices`, the likeliest choice and every choice's
+        probability; with `items`, one answer per item, in order."""
+        return await answer(cancel_on_disconnect(ctx.request, self._generate(request)), ctx)
 
     @bentoml.api(route="/generate/stream", input_spec=GenerateRequest)
     async def generate_stream(self, ctx: bentoml.Context, **request: Any) -> AsyncGenerator[str, None]:
         """Server-sent events: `data: {"text"}` as tokens come, then `data: {"done": true, ...}` with
         the finish reason and usage. Errors found before the first token answer with their status."""
-        return await answer(self._event_stream(ctx.request, GenerateText(**request)), ctx)
+        return await answer(self._event_stream(ctx.request, request), ctx)
 
     @bentoml.task(route="/generate-task", input_spec=GenerateRequest)
-    async def generate_task(self, **request: Any) -> GenerateResponse:
+    async def generate_task(self, **request: Any) -> GenerateResponse | BatchGenerateResponse:
         """Submit-and-poll generation: POST /generate-task/submit, then GET /generate-task/status and /get."""
-        return await answer(self._generate(GenerateText(**request)))
+        return await answer(self._generate(request))
+
+    @bentoml.api(route="/classify", input_spec=ClassifyRequest)
+    async def classify(self, ctx: bentoml.Context, **request: Any) -> ClassifyResponse | BatchClassifyResponse:
+        """A decision: the likeliest of `labels` as the answer to `query` with its `context`, and every
+        label's probability, from one prompt computation; with `items`, one decision per item, in order."""
+        return await answer(cancel_on_disconnect(ctx.request, self._classify(request)), ctx)
 
     @bentoml.api(route="/load-model", input_spec=LoadModelRequest)
     async def load_model(self, **request: Any) -> ModelStateResponse:
@@ -171,12 +196,37 @@ class AIModelService:
         models = await self.models.list_models()
         return {"default_model_id": settings.default_model_id, "models": [model.to_dict() for model in models]}
 
-    async def _generate(self, command: GenerateText) -> GenerateResponse:
+    async def _generate(self, fields: dict[str, Any]) -> GenerateResponse | BatchGenerateResponse:
         started = time.perf_counter()
-        generation = await self.generate_text(command)
-        return GenerateResponse.of(generation, time.perf_counter() - started)
 
-    async def _event_stream(self, request: Request, command: GenerateText) -> StreamingResponse:
+        async def generated(command: GenerateText | Classify) -> GenerateResponse:
+            if isinstance(command, Classify):
+                decision = await self.generate_text.classify(command)
+                return GenerateResponse.of_decision(decision, time.perf_counter() - started)
+            return GenerateResponse.of(await self.generate_text(command), time.perf_counter() - started)
+
+        if fields["items"] is None:
+            return await generated(generation_command(fields))
+        results = await answer_items(fields, schemas.batch_item, generation_command, generated)
+        return BatchGenerateResponse(results=results, total_time_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def _classify(self, fields: dict[str, Any]) -> ClassifyResponse | BatchClassifyResponse:
+        started = time.perf_counter()
+
+        async def decided(command: Classify) -> ClassifyResponse:
+            return ClassifyResponse.of(await self.generate_text.classify(command), time.perf_counter() - started)
+
+        if fields["items"] is None:
+            return await decided(classify_command(fields))
+        results = await answer_items(fields, schemas.batch_item, classify_command, decided)
+        return BatchClassifyResponse(results=results, total_time_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def _event_stream(self, request: Request, fields: dict[str, Any]) -> StreamingResponse:
+        if fields["items"] is not None:
+            raise InvalidRequestError("items: the batch form is not streamed; POST it to /generate")
+        if fields["choices"] is not None:
+            raise InvalidRequestError("choices: a decision is not streamed; POST it to /generate or /classify")
+        command = generation_command(fields)
         started = time.perf_counter()
         items = aiter(self.generate_text.stream(command))
         # Until the first token the response has not started, so a client leaving is watched here.
@@ -196,7 +246,7 @@ class AIModelService:
         return OptimizeMemoryResponse(status="optimized", **await self.models.optimize_memory(OptimizeMemory()))
 
 
-GENERATION_ROUTES = {"/generate", "/generate/stream", "/generate-task", "/generate-task/submit"}
+GENERATION_ROUTES = {"/generate", "/generate/stream", "/generate-task", "/generate-task/submit", "/classify"}
 OPENAI_ROUTES = {OPENAI_PREFIX + route.path for route in openai_app.routes}
 OPENAI_GENERATION_ROUTES = {OPENAI_PREFIX + path for path in OPENAI_GENERATION_PATHS}
 # The errors each route can answer, as /docs.json lists them.
@@ -237,6 +287,7 @@ AIModelService.add_asgi_middleware(
         "/generate/stream": GenerateRequest,
         "/generate-task": GenerateRequest,
         "/generate-task/submit": GenerateRequest,
+        "/classify": ClassifyRequest,
         "/load-model": LoadModelRequest,
         "/unload-model": UnloadModelRequest,
         "/optimize-memory": EmptyRequest,

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(32_000, ge=1)
     max_context_items: int = Field(64, ge=0)
     max_context_item_chars: int = Field(32_000, ge=1)
+    max_batch_items: int = Field(64, ge=1, le=1024, description="items in one batch request to /generate or /classify")
     # Batching (measured defaults: BENCHMARKS.md).
     max_batch_size: int = Field(32, ge=1, le=1024, description="sequences per batch step; 1 turns batching off")
     batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long an idle engine waits to gather a burst")

@@ -13,6 +13,8 @@ from urllib.request import url2pathname
 import aiohttp
 
 from domain import (
+    ClassifyParams,
+    Decision,
     EngineUnavailableError,
     Generation,
     GenerationError,
@@ -21,6 +23,8 @@ from domain import (
     ModelRepository,
     Prompt,
     SystemMonitor,
+    TextDelta,
+    TokenLogprob,
     raise_if_error,
 )
 
@@ -41,7 +45,7 @@ def decode_line(line: str) -> str | Generation:
     raise_if_error(message)
     if "generation" in message:
         return Generation.from_dict(message["generation"])
-    return message["text"]
+    return TextDelta(message["text"], tuple(map(TokenLogprob.from_dict, message.get("logprobs", ()))))
 
 
 def unreachable(error: Exception) -> EngineUnavailableError:
@@ -86,6 +90,10 @@ class EngineClient(ModelRepository, SystemMonitor):
 
     async def list_models(self) -> list[Model]:
         return [Model.from_dict(model) for model in await unwrap(self._engine.list_models)]
+
+    async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
+        request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict()}
+        return Decision.from_dict(await unwrap(lambda: self._engine.classify(**request)))
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
         request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict()}

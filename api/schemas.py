@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
-from domain import Generation, Model
-from domain.generation import MAX_TEMPERATURE
+from domain import Decision, Generation, Model, TokenLogprob
+from domain.generation import (
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
+    MAX_PRIORITY,
+    MAX_TEMPERATURE,
+    MAX_TOP_LOGPROBS,
+    MIN_PRIORITY,
+    PRIORITY_NAMES,
+)
 from settings import DEVICE_NAMES, MODEL_ID_PATTERN, Settings, validate_device
 
 MAX_LENGTH_LIMIT = 2048
@@ -15,6 +24,20 @@ MIN_TIMEOUT_S = 0.01
 # vLLM's names and meanings, so that a benchmark can ask every server for exactly N tokens.
 MIN_TOKENS_DESCRIPTION = "no end of sequence before this many new tokens; at most max_length (or MAX_NEW_TOKENS)"
 IGNORE_EOS_DESCRIPTION = "keep generating past an end of sequence, up to max_length"
+LOGPROBS_DESCRIPTION = (
+    "each generated token's log probability: of the distribution it was chosen from, the logits after masks "
+    "divided by the temperature (temperature 0 as 1), before top_p (vLLM's processed log probabilities)"
+)
+PRIORITY_DESCRIPTION = (
+    f"lower runs first and is refused last when the queue is full: {', '.join(PRIORITY_NAMES)} "
+    f"({', '.join(map(str, PRIORITY_NAMES.values()))}) or an integer from {MIN_PRIORITY} to {MAX_PRIORITY}; default normal"
+)
+Priority = Annotated[
+    Literal[tuple(PRIORITY_NAMES)] | Annotated[int, Field(strict=True, ge=MIN_PRIORITY, le=MAX_PRIORITY)] | None,  # type: ignore[valid-type]
+    Field(None, description=PRIORITY_DESCRIPTION),
+]
+Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
+Labels = Annotated[list[Label], Field(min_length=1, max_length=MAX_LABELS)]
 
 
 def no_nul(value: str) -> str:
@@ -38,16 +61,73 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], type[Request]]:
-    """Builds the request schemas with the operator's bounds: (generate, load, unload)."""
+@dataclass(frozen=True)
+class RequestSchemas:
+    generate: type[Request]
+    classify: type[Request]
+    batch_item: type[Request]
+    load_model: type[Request]
+    unload_model: type[Request]
+
+
+def request_schemas(settings: Settings) -> RequestSchemas:
+    """Builds the request schemas with the operator's bounds."""
     Query = Annotated[str, Field(min_length=1, max_length=settings.max_query_chars), AfterValidator(no_nul)]
     Passage = Annotated[str, Field(max_length=settings.max_context_item_chars), AfterValidator(no_nul)]
 
-    class GenerateRequest(Request):
+    Context = Annotated[
+        list[Passage], Field(max_length=settings.max_context_items, description="passages from the vector store")
+    ]
+
+    class BatchItem(Request):
+        """One item of a batch: its passages, and its own query if it does not share the request's."""
+
+        query: Query | None = Field(None, description="this item's query; default the request's")
+        context: Context = Field(default_factory=list)
+
+    # Items are checked one by one (api/batch.py), so a bad item gets its own error; the schema documents them.
+    Items = Annotated[
+        list[Any] | None,
+        Field(None, max_length=settings.max_batch_items),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "array", "items": BatchItem.model_json_schema(), "maxItems": settings.max_batch_items},
+                    {"type": "null"},
+                ],
+                "description": f"the batch form: up to MAX_BATCH_ITEMS ({settings.max_batch_items}) items sharing "
+                "the query (the instruction) and every other field, answered in order, each with its result or "
+                "its own error",
+            }
+        ),
+    ]
+
+    class Verdict(Request):
+        """What /generate and /classify share."""
+
         query: Query = Field(description="the question or instruction")
-        context: list[Passage] = Field(
-            default_factory=list, max_length=settings.max_context_items, description="passages from the vector store"
+        context: Context = Field(default_factory=list)
+        items: Items = None
+        model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
+        timeout: float | None = Field(
+            None,
+            strict=True,  # lax, `true` would pass as 1 second
+            ge=MIN_TIMEOUT_S,  # not gt=0: OpenAPI 3.0, which BentoML writes, has no numeric exclusiveMinimum
+            le=settings.max_generation_time,
+            description=f"seconds this request may take, queueing included; at most MAX_GENERATION_TIME ({settings.max_generation_time:g})",
         )
+        priority: Priority = None
+
+        @model_validator(mode="after")
+        def _items_share_the_context_field(self) -> Any:
+            if self.items is not None and self.context:
+                raise ValueError("give context in each item of items, not beside them")
+            return self
+
+    class ClassifyRequest(Verdict):
+        labels: Labels = Field(description="the allowed answers; each is scored over all its tokens after the prompt")
+
+    class GenerateRequest(Verdict):
         max_length: int | None = Field(
             None,
             strict=True,
@@ -58,19 +138,30 @@ def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], t
         temperature: float | None = Field(
             None, strict=True, ge=0.0, le=MAX_TEMPERATURE, description=f"0 is greedy; default GENERATION_TEMPERATURE ({settings.generation_temperature})"
         )
-        model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
-        timeout: float | None = Field(
-            None,
-            strict=True,  # lax, `true` would pass as 1 second
-            ge=MIN_TIMEOUT_S,  # not gt=0: OpenAPI 3.0, which BentoML writes, has no numeric exclusiveMinimum
-            le=settings.max_generation_time,
-            description=f"seconds this request may take, queueing included; at most MAX_GENERATION_TIME ({settings.max_generation_time:g})",
-        )
         use_async: bool = Field(True, strict=True, description="generation always runs off the event loop, on the engine's threads")
         min_tokens: int | None = Field(
             None, strict=True, ge=0, le=MAX_LENGTH_LIMIT, description=MIN_TOKENS_DESCRIPTION
         )
         ignore_eos: bool = Field(False, strict=True, description=IGNORE_EOS_DESCRIPTION)
+        logprobs: bool = Field(False, strict=True, description=LOGPROBS_DESCRIPTION)
+        top_logprobs: int | None = Field(
+            None, strict=True, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the likeliest tokens at each position"
+        )
+        choices: Labels | None = Field(
+            None, description="answer with the likeliest of these (as /classify does), with every choice's probability"
+        )
+
+        @model_validator(mode="after")
+        def _consistent(self) -> Any:
+            if self.top_logprobs is not None and not self.logprobs:
+                raise ValueError(f"top_logprobs: needs logprobs true, got top_logprobs {self.top_logprobs}")
+            if self.choices is not None:
+                generation_only = ("max_length", "temperature", "min_tokens", "top_logprobs")
+                given = [name for name in generation_only if getattr(self, name) is not None]
+                given += [name for name in ("ignore_eos", "logprobs") if getattr(self, name)]
+                if given:
+                    raise ValueError(f"choices: a decision among choices generates nothing, so it takes no {given[0]}")
+            return self
 
     class LoadModelRequest(Request):
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
@@ -79,11 +170,26 @@ def request_schemas(settings: Settings) -> tuple[type[Request], type[Request], t
     class UnloadModelRequest(Request):
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
 
-    return GenerateRequest, LoadModelRequest, UnloadModelRequest
+    return RequestSchemas(GenerateRequest, ClassifyRequest, BatchItem, LoadModelRequest, UnloadModelRequest)
 
 
 class EmptyRequest(Request):
     """For routes that take no parameters: an empty body or `{}`; anything else is refused."""
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="the token's UTF-8 bytes: a token may hold part of a character")
+
+
+class TokenLogprobResponse(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="the likeliest tokens at this position, likeliest first")
+
+    @classmethod
+    def of(cls, logprob: TokenLogprob) -> TokenLogprobResponse:
+        top = [TopLogprob(token=each.token, logprob=each.logprob, bytes=list(each.bytes)) for each in logprob.top]
+        return cls(token=logprob.token, logprob=logprob.logprob, bytes=list(logprob.bytes), top_logprobs=top)
 
 
 class GenerateResponse(BaseModel):
@@ -100,6 +206,31 @@ class GenerateResponse(BaseModel):
     cached_prompt_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
     total_time_ms: float
     cached: bool = Field(description="served from the response cache: nothing was generated, the generation times are 0")
+    logprobs: list[TokenLogprobResponse] | None = Field(None, description="each generated token's, with logprobs")
+    probabilities: dict[str, float] | None = Field(
+        None, description="with choices: each choice's probability, normalized over the choices; result is the likeliest"
+    )
+
+    @classmethod
+    def of_decision(cls, decision: Decision, total_time_s: float) -> GenerateResponse:
+        """A decision among choices: nothing is generated, the chosen label is the result."""
+        decision_ms = round(decision.decision_time_s * 1000, 2)
+        return cls(
+            result=decision.label,
+            model_id=decision.model_id,
+            finish_reason="stop",
+            prompt_tokens=decision.prompt_tokens,
+            completion_tokens=0,
+            total_tokens=decision.prompt_tokens,
+            max_new_tokens=0,
+            temperature=0.0,
+            generation_time_ms=decision_ms,
+            time_to_first_token_ms=decision_ms,
+            cached_prompt_tokens=decision.cached_prompt_tokens,
+            total_time_ms=round(total_time_s * 1000, 2),
+            cached=False,
+            probabilities=decision.probabilities,
+        )
 
     @classmethod
     def of(cls, generation: Generation, total_time_s: float) -> GenerateResponse:
@@ -117,7 +248,45 @@ class GenerateResponse(BaseModel):
             cached_prompt_tokens=generation.cached_prompt_tokens,
             total_time_ms=round(total_time_s * 1000, 2),
             cached=generation.cached,
+            logprobs=None if generation.logprobs is None else [TokenLogprobResponse.of(each) for each in generation.logprobs],
         )
+
+
+class ClassifyResponse(BaseModel):
+    label: str = Field(description="the likeliest label")
+    probabilities: dict[str, float] = Field(description="every label's probability, normalized over the labels")
+    model_id: str
+    prompt_tokens: int
+    cached_prompt_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
+    decision_time_ms: float
+    total_time_ms: float
+
+    @classmethod
+    def of(cls, decision: Decision, total_time_s: float) -> ClassifyResponse:
+        return cls(
+            label=decision.label,
+            probabilities=decision.probabilities,
+            model_id=decision.model_id,
+            prompt_tokens=decision.prompt_tokens,
+            cached_prompt_tokens=decision.cached_prompt_tokens,
+            decision_time_ms=round(decision.decision_time_s * 1000, 2),
+            total_time_ms=round(total_time_s * 1000, 2),
+        )
+
+
+class ItemError(BaseModel):
+    error: str = Field(description="what was wrong with this item: the field, the limit and the value")
+    error_type: str
+
+
+class BatchGenerateResponse(BaseModel):
+    results: list[GenerateResponse | ItemError] = Field(description="one per item, in order")
+    total_time_ms: float
+
+
+class BatchClassifyResponse(BaseModel):
+    results: list[ClassifyResponse | ItemError] = Field(description="one per item, in order")
+    total_time_ms: float
 
 
 class ModelStateResponse(BaseModel):

@@ -12,13 +12,15 @@ from starlette.requests import Request
 from domain import Generation
 
 from .errors import ClientDisconnected, count_error, error_body
+from .schemas import TokenLogprobResponse
 
 T = TypeVar("T")
 
 
 # What each event's data holds on /generate/stream, as /docs.json says.
 STREAM_EVENTS = (
-    'JSON: {"text"} as tokens come, then {"done": true, "result", "finish_reason", ...} with the usage, '
+    'JSON: {"text"} (with "logprobs" when asked) as tokens come, then {"done": true, "result", '
+    '"finish_reason", ...} with the usage, '
     'or {"error", "error_type"} when generation fails after the first token'
 )
 
@@ -60,11 +62,16 @@ async def event_stream(
 def server_sent_events(
     first: Item, rest: AsyncIterator[Item], final: Callable[[Generation], dict[str, Any]]
 ) -> AsyncIterator[str]:
-    """/generate/stream: `data: {"text"}` per piece of text, then `data: {"done": true, ...final}`, or
+    """/generate/stream: `data: {"text"}` per piece of text (with `"logprobs"`, its tokens', when asked), then `data: {"done": true, ...final}`, or
     a last `data: {"error", "error_type"}`."""
 
     def render(item: Item) -> list[dict[str, Any]]:
-        return [{"done": True, **final(item)} if isinstance(item, Generation) else {"text": item}]
+        if isinstance(item, Generation):
+            return [{"done": True, **final(item)}]
+        logprobs = getattr(item, "logprobs", ())
+        if logprobs:
+            return [{"text": str(item), "logprobs": [TokenLogprobResponse.of(each).model_dump() for each in logprobs]}]
+        return [{"text": str(item)}]
 
     return event_stream(first, rest, render, lambda body: body)
 

@@ -4,7 +4,7 @@ Pure Python: nothing here imports torch, transformers or bentoml.
 """
 
 from .catalog import CatalogEntry, ModelCatalog
-from .commands import CompletePrompt, GenerateText, GenerationOptions, LoadModel, OptimizeMemory, UnloadModel
+from .commands import Classify, CompletePrompt, GenerateText, GenerationOptions, LoadModel, OptimizeMemory, UnloadModel
 from .errors import (
     DeviceNotAvailableError,
     EngineUnavailableError,
@@ -20,7 +20,18 @@ from .errors import (
     error_from_type,
     raise_if_error,
 )
-from .generation import ChatMessage, Generation, GenerationLimits, GenerationParams, Prompt
+from .generation import (
+    ChatMessage,
+    ClassifyParams,
+    Decision,
+    Generation,
+    GenerationLimits,
+    GenerationParams,
+    GuidedDecoding,
+    Prompt,
+    TextDelta,
+    TokenLogprob,
+)
 from .model import Model
 from .ports import ModelRepository, SystemMonitor
 from .prompt import PromptBuilder
@@ -31,7 +42,10 @@ from .use_cases import GenerateTextUseCase
 __all__ = [
     "CatalogEntry",
     "ChatMessage",
+    "Classify",
+    "ClassifyParams",
     "CompletePrompt",
+    "Decision",
     "DeviceNotAvailableError",
     "GenerateText",
     "GenerateTextUseCase",
@@ -40,6 +54,7 @@ __all__ = [
     "GenerationLimits",
     "GenerationOptions",
     "GenerationParams",
+    "GuidedDecoding",
     "GenerationTimeoutError",
     "InsufficientMemoryError",
     "InvalidRequestError",
@@ -60,6 +75,8 @@ __all__ = [
     "PromptBuilder",
     "ResponseCache",
     "SystemMonitor",
+    "TextDelta",
+    "TokenLogprob",
     "UnloadModel",
     "error_from_type",
     "raise_if_error",

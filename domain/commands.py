@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .generation import Prompt
+from .generation import GuidedDecoding, Prompt
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class GenerationOptions:
     timeout: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each token's log probability and k alternatives
+    priority: int | str | None = None  # lower first, or a name from PRIORITY_NAMES
+    guided: GuidedDecoding | None = None
 
 
 @dataclass(frozen=True)
@@ -50,3 +53,16 @@ class CompletePrompt(GenerationOptions):
     """A generation from a prompt the caller wrote: chat messages as given, or raw text to continue (/v1)."""
 
     prompt: Prompt
+
+
+@dataclass(frozen=True)
+class Classify:
+    """A decision among allowed labels for a query with its passages, in the service's prompt (POST /classify)."""
+
+    query: str
+    labels: tuple[str, ...]
+    context: list[str] = field(default_factory=list)
+    model_id: str | None = None
+    timeout: float | None = None
+    priority: int | str | None = None
+    labels_field: str = "labels"  # what errors call the labels: /generate calls them `choices`

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .errors import GenerationError
-from .generation import Generation, GenerationParams, Prompt
+from .generation import ClassifyParams, Decision, Generation, GenerationParams, Prompt
 from .model import Model
 
 
@@ -31,6 +31,11 @@ class ModelRepository(abc.ABC):
             if isinstance(item, Generation):
                 return item
         raise GenerationError(f"generation with {model_id!r} ended without a result")
+
+    @abc.abstractmethod
+    async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
+        """The most probable of the labels as the answer to the prompt, each label scored over its
+        whole token sequence. Raises ModelNotLoadedError when the model is not in memory."""
 
     @abc.abstractmethod
     async def get_model(self, model_id: str) -> Model: ...

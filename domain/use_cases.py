@@ -3,9 +3,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from .commands import CompletePrompt, GenerateText, LoadModel, OptimizeMemory
+from .commands import Classify, CompletePrompt, GenerateText, LoadModel, OptimizeMemory
 from .errors import InsufficientMemoryError, ModelNotLoadedError
-from .generation import Generation, GenerationLimits, GenerationParams, Prompt
+from .generation import Decision, Generation, GenerationLimits, GenerationParams, Prompt
 from .ports import ModelRepository
 from .prompt import PromptBuilder
 from .response_cache import ResponseCache, response_key
@@ -23,7 +23,9 @@ class GenerateTextUseCase:
 
     With a response cache, a deterministic request is answered from it when it holds the answer,
     and its answer is stored there once generated. A cached answer streams as one piece of text.
-    Other requests never touch the cache."""
+    Other requests never touch the cache.
+
+    A Classify command gets a Decision among its labels, with the same recovery."""
 
     def __init__(
         self,
@@ -67,6 +69,12 @@ class GenerateTextUseCase:
         async for item in rest:
             yield await self._stored(key, item)
 
+    async def classify(self, command: Classify) -> Decision:
+        params = self._limits.classify_params(command.labels, command.timeout, command.priority, command.labels_field)
+        prompt = self._prompts.build(command.query, command.context)
+        model_id = self._models.resolve_model_id(command.model_id)
+        return await self._recovering(model_id, lambda: self._repository.classify(model_id, prompt, params))
+
     def _cache_key(self, model_id: str, prompt: Prompt, params: GenerationParams) -> str | None:
         if self._cache is None or not params.deterministic:
             return None
@@ -95,6 +103,9 @@ class GenerateTextUseCase:
             seed=command.seed,
             min_tokens=command.min_tokens,
             ignore_eos=command.ignore_eos,
+            logprobs=command.logprobs,
+            priority=command.priority,
+            guided=command.guided,
         )
         return self._models.resolve_model_id(command.model_id), prompt, params
 

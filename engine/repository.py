@@ -3,17 +3,22 @@ each generation's way from a prompt to its text."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 
 from domain import (
     CatalogEntry,
+    ClassifyParams,
+    Decision,
     Generation,
     GenerationError,
     GenerationParams,
@@ -25,13 +30,24 @@ from domain import (
     ModelUnloadingError,
     OverloadedError,
     Prompt,
+    TextDelta,
+    TokenLogprob,
 )
 from metrics import GENERATION_SECONDS, LOADED_MODELS
 
 from .core.detokenizer import IncrementalDecoder
 from .core.loop_bridge import EventStream, off_loop
 from .core.scheduler import QueueFull
-from .core.sequence import FinishEvent, FinishReason, SamplingRequest, TokenEvent
+from .core.sequence import (
+    FinishEvent,
+    FinishReason,
+    SamplingRequest,
+    ScoredPosition,
+    ScoreEvent,
+    Sequence,
+    TokenEvent,
+    TokenLogprobs,
+)
 from .layers.tuned_linear import Choice
 from .models import quantization
 from .models.devices import resolve_device
@@ -77,15 +93,13 @@ class TransformersModelRepository(ModelRepository):
         return await off_loop(self._executor, lambda: self.unload_blocking(model_id))
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
-        loaded = self._loaded.get(model_id)
-        if loaded is None:
-            self._catalog.get(model_id)  # an unknown id is "not found", not "not loaded"
-            raise ModelNotLoadedError.for_id(model_id)
+        loaded = self._serving(model_id, params.priority)
         started = time.perf_counter()
-        if loaded.core.scheduler.queue_full:  # refuse at once, before the tokenizer's thread hop
-            raise self._overloaded(loaded)
         prompt_ids = await off_loop(self._executor, lambda: loaded.encode(prompt))
         loaded.check_fits(len(prompt_ids), params.max_new_tokens)
+        grammar = None
+        if params.guided is not None:  # compiled once per distinct grammar, off the loop: a schema can take a while
+            grammar = (await off_loop(self._executor, lambda: loaded.grammars.compile(params.guided))).matcher
         deadline = time.monotonic() + params.timeout_s
         request = SamplingRequest(
             prompt_ids,
@@ -96,35 +110,126 @@ class TransformersModelRepository(ModelRepository):
             seed=params.seed,
             min_new_tokens=params.min_new_tokens,
             ignore_eos=params.ignore_eos,
+            logprobs=params.logprobs,
+            priority=params.priority,
+            grammar=grammar,
         )
         events = EventStream()
         decoder = IncrementalDecoder(loaded.tokenizer, params.stop)
+        logprobs: list[TokenLogprob] = []  # every token's, for the whole Generation
+        unsent = 0  # how many of them no delta has carried yet
         with self._in_use(loaded):
-            try:  # others may have filled the queue while this prompt was tokenized
-                sequence = loaded.core.submit(request, events.sink)
-            except QueueFull:
-                raise self._overloaded(loaded) from None
+            sequence = self._submit(loaded, request, events)
             finish, first_token_at = None, None
             try:
                 async for event in events:
                     if isinstance(event, TokenEvent):
                         first_token_at = first_token_at or time.perf_counter()
+                        if event.logprobs is not None:
+                            logprobs.append(self._token_logprob(loaded, event.token_id, event.logprobs))
                         if delta := decoder.push(event.token_id):
-                            yield delta
+                            yield TextDelta(delta, tuple(logprobs[unsent:]))
+                            unsent = len(logprobs)
                         if decoder.stopped:  # a stop string came: the answer is complete, the sequence leaves its batch
                             sequence.cancel()
                             finish = FinishEvent(
                                 FinishReason.STOP, sequence.prompt_length, len(decoder.token_ids), sequence.cached_prompt_tokens
                             )
                             break
-                    else:
+                    elif isinstance(event, FinishEvent):
                         finish = event
             finally:
                 if finish is None:
                     sequence.cancel()  # the caller left: its batch slot frees at the next step
-        if held_back := decoder.flush():  # text that could have begun a stop string, which never came
-            yield held_back
-        yield self._result(loaded, params, finish, decoder, started, first_token_at)
+        held_back = decoder.flush()  # text that could have begun a stop string, which never came
+        if held_back or unsent < len(logprobs):
+            yield TextDelta(held_back, tuple(logprobs[unsent:]))
+        generation = self._result(loaded, params, finish, decoder, started, first_token_at)
+        yield replace(generation, logprobs=tuple(logprobs)) if params.logprobs is not None else generation
+
+    async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
+        """Scores each label's tokens after the prompt: one scoring request reads every label's first
+        token off the prompt's last logits; then, for labels of more tokens, one request per label
+        scores the rest, its prompt's first part coming from the prefix cache that the first one filled."""
+        loaded = self._serving(model_id, params.priority)
+        started = time.perf_counter()
+        prompt_ids, labels = await off_loop(
+            self._executor, lambda: (loaded.encode(prompt), loaded.encode_labels(params.labels, params.field))
+        )
+        longest = max(len(tokens) for tokens in labels)
+        loaded.check_fits(len(prompt_ids) + longest - 1, 0)
+        deadline = time.monotonic() + params.timeout_s
+        last = len(prompt_ids) - 1
+        firsts = tuple(sorted({tokens[0] for tokens in labels}))
+        # A multi-token label's prompt for the second phase: the prompt and its tokens but the last, which
+        # labels with the same such tokens share; the scores read there: each of them past the first, then
+        # every last token that follows them.
+        lasts_after: dict[tuple[int, ...], set[int]] = {}
+        for tokens in labels:
+            if len(tokens) > 1:
+                lasts_after.setdefault(tuple(tokens[:-1]), set()).add(tokens[-1])
+        heads = list(lasts_after)
+        with self._in_use(loaded):
+            (first_logprobs,), finish = await self._score(loaded, prompt_ids, ((last, firsts),), deadline, params)
+            rest_scores = await asyncio.gather(
+                *(
+                    self._score(
+                        loaded,
+                        prompt_ids + list(head),
+                        (*((last + j, (head[j],)) for j in range(1, len(head))), (last + len(head), tuple(sorted(lasts_after[head])))),
+                        deadline,
+                        params,
+                    )
+                    for head in heads
+                )
+            )
+        first_logprob = dict(zip(firsts, first_logprobs))
+        scores_after = {head: scores for head, (scores, _) in zip(heads, rest_scores)}
+        totals = []
+        for tokens in labels:
+            total = first_logprob[tokens[0]]
+            if len(tokens) > 1:
+                *middle, final = scores_after[tuple(tokens[:-1])]
+                total += sum(logprobs[0] for logprobs in middle)
+                total += final[sorted(lasts_after[tuple(tokens[:-1])]).index(tokens[-1])]
+            totals.append(total)
+        weights = [math.exp(total - max(totals)) for total in totals]
+        probabilities = [weight / sum(weights) for weight in weights]
+        best = max(range(len(labels)), key=lambda index: totals[index])
+        return Decision(
+            label=params.labels[best],
+            probabilities=dict(zip(params.labels, probabilities)),
+            model_id=loaded.model_id,
+            prompt_tokens=len(prompt_ids),
+            cached_prompt_tokens=finish.cached_prompt_tokens,
+            decision_time_s=round(time.perf_counter() - started, 4),
+        )
+
+    async def _score(
+        self,
+        loaded: LoadedModel,
+        prompt_ids: list[int],
+        scored: tuple[tuple[int, tuple[int, ...]], ...],
+        deadline: float,
+        params: ClassifyParams,
+    ) -> tuple[tuple[tuple[float, ...], ...], FinishEvent]:
+        """The log probabilities a scoring request reads at each (position, tokens) of `scored`."""
+        positions = tuple(ScoredPosition(position, tokens) for position, tokens in scored)
+        request = SamplingRequest(prompt_ids, 0, 0.0, deadline, priority=params.priority, scored=positions)
+        events = EventStream()
+        sequence = self._submit(loaded, request, events)
+        scores, finish = None, None
+        try:
+            async for event in events:
+                if isinstance(event, ScoreEvent):
+                    scores = event.logprobs
+                elif isinstance(event, FinishEvent):
+                    finish = event
+        finally:
+            if finish is None:
+                sequence.cancel()
+        self._raise_if_failed(loaded, finish, params.timeout_s)
+        return scores, finish
 
     async def get_model(self, model_id: str) -> Model:
         return self._describe(self._catalog.get(model_id))
@@ -193,12 +298,52 @@ class TransformersModelRepository(ModelRepository):
                 self._active[loaded.model_id] -= 1
             loaded.last_used_at = now()
 
+    def _serving(self, model_id: str, priority: int) -> LoadedModel:
+        """The loaded model, unless it is not loaded or its queue is full for this priority: refused at
+        once, before the tokenizer's thread hop."""
+        loaded = self._loaded.get(model_id)
+        if loaded is None:
+            self._catalog.get(model_id)  # an unknown id is "not found", not "not loaded"
+            raise ModelNotLoadedError.for_id(model_id)
+        if loaded.core.scheduler.refuses(priority):
+            raise self._overloaded(loaded)
+        return loaded
+
+    def _submit(self, loaded: LoadedModel, request: SamplingRequest, events: EventStream) -> Sequence:
+        try:  # others may have filled the queue while this prompt was tokenized
+            return loaded.core.submit(request, events.sink)
+        except QueueFull:
+            raise self._overloaded(loaded) from None
+
+    @staticmethod
+    def _token_logprob(loaded: LoadedModel, token_id: int, logprobs: TokenLogprobs) -> TokenLogprob:
+        top = tuple(TokenLogprob(*loaded.token_texts(alternative), logprob) for alternative, logprob in logprobs.top)
+        return TokenLogprob(*loaded.token_texts(token_id), logprobs.logprob, top)
+
     def _overloaded(self, loaded: LoadedModel) -> OverloadedError:
         scheduler = loaded.core.scheduler
         return OverloadedError(
             f"{len(scheduler.waiting)} requests are already queued for {loaded.model_id!r} (MAX_QUEUE_SIZE="
             f"{scheduler.max_queue_size}) behind a full batch; retry shortly"
         )
+
+    @staticmethod
+    def _raise_if_failed(loaded: LoadedModel, finish: FinishEvent, timeout_s: float) -> None:
+        if finish.reason is FinishReason.TIMEOUT:
+            raise GenerationTimeoutError(
+                f"generation passed MAX_GENERATION_TIME={timeout_s:g}s (or the request's timeout) and was stopped; "
+                f"ask for fewer tokens (max_length) or raise MAX_GENERATION_TIME"
+            )
+        if finish.reason is FinishReason.UNLOADED:
+            raise ModelUnloadingError(f"model {loaded.model_id!r} was unloaded before this generation finished")
+        if finish.reason is FinishReason.REFUSED:
+            scheduler = loaded.core.scheduler
+            raise OverloadedError(
+                f"the queue for {loaded.model_id!r} is full (MAX_QUEUE_SIZE={scheduler.max_queue_size}) and "
+                f"{finish.detail}; retry shortly"
+            )
+        if not finish.reason.completed:
+            raise GenerationError(f"generation with {loaded.model_id!r} failed: {finish.reason.value} {finish.detail}".strip())
 
     @staticmethod
     def _result(
@@ -209,15 +354,7 @@ class TransformersModelRepository(ModelRepository):
         started: float,
         first_token_at: float | None,
     ) -> Generation:
-        if finish.reason is FinishReason.TIMEOUT:
-            raise GenerationTimeoutError(
-                f"generation passed MAX_GENERATION_TIME={params.timeout_s:g}s and was stopped; "
-                f"ask for fewer tokens (max_length) or raise MAX_GENERATION_TIME"
-            )
-        if finish.reason is FinishReason.UNLOADED:
-            raise ModelUnloadingError(f"model {loaded.model_id!r} was unloaded before this generation finished")
-        if not finish.reason.completed:
-            raise GenerationError(f"generation with {loaded.model_id!r} failed: {finish.reason.value} {finish.detail}".strip())
+        TransformersModelRepository._raise_if_failed(loaded, finish, params.timeout_s)
         generation_time = time.perf_counter() - started
         GENERATION_SECONDS.labels(model=loaded.model_id).observe(generation_time)
         return Generation(

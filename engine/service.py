@@ -17,7 +17,7 @@ from typing import Any
 import bentoml
 
 from adapters.drain import defer_sigterm, drain_limit_s
-from domain import Generation, GenerationParams, ModelServiceError, Prompt
+from domain import ClassifyParams, Generation, GenerationParams, ModelServiceError, Prompt
 from settings import ConfigurationError, get_settings
 
 from .core.loop_bridge import off_loop
@@ -145,16 +145,30 @@ class GenerationEngine:
 
     @bentoml.api
     async def stream_text(self, model_id: str, prompt: dict[str, Any], params: dict[str, Any]) -> AsyncGenerator[str, None]:
-        """Newline-delimited JSON: `{"text"}` as tokens come, then `{"generation"}`, or `{"error", "error_type"}`.
+        """Newline-delimited JSON: `{"text"}` as tokens come (with `"logprobs"` when asked for), then
+        `{"generation"}`, or `{"error", "error_type"}`.
         `prompt` and `params` are the domain's Prompt and GenerationParams as their to_dict gives them.
 
         When the caller disconnects, BentoML closes this generator and the sequence leaves its batch."""
         try:
             async for item in self.repository.stream_text(model_id, Prompt.from_dict(prompt), GenerationParams.from_dict(params)):
-                message = {"generation": item.to_dict()} if isinstance(item, Generation) else {"text": item}
+                if isinstance(item, Generation):
+                    message = {"generation": item.to_dict()}
+                elif item.logprobs:
+                    message = {"text": str(item), "logprobs": [logprob.to_dict() for logprob in item.logprobs]}
+                else:
+                    message = {"text": str(item)}
                 yield json.dumps(message) + "\n"
         except ModelServiceError as error:
             yield json.dumps(error.to_dict()) + "\n"
+
+    @bentoml.api
+    async def classify(self, model_id: str, prompt: dict[str, Any], params: dict[str, Any]) -> Reply:
+        async def decision() -> dict[str, Any]:
+            found = await self.repository.classify(model_id, Prompt.from_dict(prompt), ClassifyParams.from_dict(params))
+            return found.to_dict()
+
+        return await reply(decision())
 
     @bentoml.api
     async def memory_usage(self) -> Reply:

@@ -99,9 +99,9 @@ def main() -> None:
     def step(scheduler: Scheduler, runner: ModelRunner):
         planned = scheduler.schedule(time.monotonic())
         started = time.perf_counter()
-        tokens = runner.execute(planned)
+        output = runner.execute(planned)
         spent = time.perf_counter() - started
-        scheduler.update(planned, tokens, time.monotonic())
+        scheduler.update(planned, output, time.monotonic())
         return planned, spent
 
     module_times = ModuleTimes(model) if args.breakdown else None

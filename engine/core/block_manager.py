@@ -104,11 +104,13 @@ class BlockManager:
                 else:
                     self.free.append(block)
 
-    def claim(self, prompt_ids: Sequence[int], hashes: list[int], block_count: int) -> Claim:
+    def claim(self, prompt_ids: Sequence[int], hashes: list[int], block_count: int, computed_from: int | None = None) -> Claim:
         """`block_count` blocks for a sequence with this prompt: the cached blocks of its longest cached
         prefix, then fresh ones, the first of which gets a copy of the tokens a cached block shares with
-        the prompt past that prefix. Raises CacheFull (holding nothing) when the pool has too few blocks."""
-        computable = len(prompt_ids) - 1  # the last prompt token is always computed: its logits give the first token
+        the prompt past that prefix. Tokens from `computed_from` on are computed whatever the cache holds
+        (their logits are wanted). Raises CacheFull (holding nothing) when the pool has too few blocks."""
+        # The last prompt token is always computed: its logits give the first token.
+        computable = len(prompt_ids) - 1 if computed_from is None else min(len(prompt_ids) - 1, computed_from)
         matched = self._match_prefix(prompt_ids, hashes[: computable // BLOCK_SIZE])
         start = len(matched) * BLOCK_SIZE
         source, shared = self._match_partial(matched[-1] if matched else ROOT, prompt_ids[start : min(start + BLOCK_SIZE, computable)])

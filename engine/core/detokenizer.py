@@ -67,3 +67,46 @@ class IncrementalDecoder:
         delta = self._decoded[self._sent : end]
         self._sent = max(self._sent, end)
         return delta
+
+
+def _byte_of_character() -> dict[str, int]:
+    """The inverse of byte-level BPE's table (GPT-2's bytes_to_unicode): which byte each of its
+    printable characters stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters = {byte: chr(byte) for byte in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in characters:
+            characters[byte] = chr(256 + shifted)
+            shifted += 1
+    return {character: byte for byte, character in characters.items()}
+
+
+BYTE_OF_CHARACTER = _byte_of_character()
+
+
+class TokenTexts:
+    """Each token's own text and UTF-8 bytes, as log probabilities report them. A byte-level BPE token
+    (Llama 3, Qwen2, SmolLM2) may hold part of a character: its bytes are exact, and its text shows
+    the missing part as U+FFFD."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._known: dict[int, tuple[str, tuple[int, ...]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        known = self._known.get(token_id)
+        if known is None:
+            known = self._known[token_id] = self._text_and_bytes(token_id)
+        return known
+
+    def _text_and_bytes(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if token_id in self._tokenizer.all_special_ids or piece is None:
+            text = piece or ""
+            return text, tuple(text.encode())
+        if all(character in BYTE_OF_CHARACTER for character in piece):
+            raw = bytes(BYTE_OF_CHARACTER[character] for character in piece)
+            return raw.decode("utf-8", errors="replace"), tuple(raw)
+        text = self._tokenizer.decode([token_id])  # other vocabularies (SentencePiece) decode token by token
+        return text, tuple(text.encode())

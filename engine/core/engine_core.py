@@ -15,7 +15,7 @@ import threading
 import time
 
 from .block_manager import block_hashes
-from .scheduler import ScheduledStep, Scheduler
+from .scheduler import ScheduledStep, Scheduler, StepOutput
 from .sequence import FinishReason, SamplingRequest, Sequence, Sink
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ class StepRunner(abc.ABC):
     """Runs a scheduled step on the model: the port the engine core drives (model_runner.py is the real one)."""
 
     @abc.abstractmethod
-    def execute(self, step: ScheduledStep) -> list[int]:
-        """One token id per `step.sampled` sequence, in that order."""
+    def execute(self, step: ScheduledStep) -> StepOutput:
+        """One token id per `step.sampled` sequence, in that order, with what the step's requests asked for."""
 
     def is_fatal(self, error: Exception) -> bool:
         """Whether the error leaves the runner unable to run any later step."""
@@ -109,7 +109,7 @@ class EngineCore:
 
     def _run(self, step: ScheduledStep) -> None:
         try:
-            token_ids = self._runner.execute(step)
+            output = self._runner.execute(step)
         except Exception as error:  # a failed step fails its sequences, never the scheduler...
             if self._runner.is_fatal(error):  # ...unless the device itself is broken
                 raise
@@ -118,4 +118,4 @@ class EngineCore:
                 self.scheduler.fail_running(f"{type(error).__name__}: {error}")
             return
         with self._wakeup:
-            self.scheduler.update(step, token_ids, time.monotonic())
+            self.scheduler.update(step, output, time.monotonic())

@@ -1,9 +1,18 @@
 """Iteration-level (continuous) batching: what each batch step runs, and what its tokens mean.
 
 Each step carries one decode token per running sequence plus prompt chunks of waiting ones (at most
-`prefill_budget` prompt tokens a step, shortest remaining prompt first, so a long prompt never
-stalls the others). A request joins at the next step and leaves the moment it ends: end of
-sequence, its own max tokens, its deadline, or cancellation.
+`prefill_budget` prompt tokens a step, highest priority then shortest remaining prompt first, so a
+long prompt never stalls the others). A request joins at the next step and leaves the moment it
+ends: end of sequence, its own max tokens, its deadline, or cancellation.
+
+Priority (lower first) orders the queue (then arrival). When the queue is full, a request of higher
+priority than the lowest waiting one takes that one's place, and the one dropped ends as REFUSED. A
+request more urgent than one already running need not wait for a slot: it may join a full batch,
+up to a headroom of a quarter of its size. While a more urgent prompt prefills, less urgent prompts
+wait, so that its step stays short.
+
+A scoring request (SamplingRequest.scored) generates nothing: its prompt's logits at the scored
+positions answer it, and it ends as its prompt completes.
 
 The scheduler decides and keeps the books; it holds no tensors. The model runner turns a
 ScheduledStep into tensors, runs the model and samples; the engine core (engine_core.py) drives
@@ -14,13 +23,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from metrics import SchedulerMetrics
 
 from .block_manager import BLOCK_SIZE, BlockManager, CacheFull
-from .sequence import BlockCopy, FinishEvent, FinishReason, Sequence, TokenEvent
+from .sequence import BlockCopy, FinishEvent, FinishReason, ScoreEvent, Sequence, TokenEvent, TokenLogprobs
 
 
 class QueueFull(Exception):
@@ -37,8 +46,13 @@ class ScheduledChunk:
 
     @property
     def completes_prompt(self) -> bool:
-        """Its last token's logits give the sequence's first new token."""
+        """Its last token's logits give the sequence's first new token (unless it is a scoring request)."""
         return self.end == self.sequence.prompt_length
+
+    @property
+    def scored_positions(self) -> list[int]:
+        """The positions of its scoring request's ScoredPositions that this chunk computes."""
+        return [scored.position for scored in self.sequence.request.scored if self.start <= scored.position < self.end]
 
 
 @dataclass(frozen=True)
@@ -51,7 +65,24 @@ class ScheduledStep:
     @cached_property
     def sampled(self) -> list[Sequence]:
         """The sequences that get a token from this step, in the order the runner returns them."""
-        return [*self.decoding, *(chunk.sequence for chunk in self.prefilling if chunk.completes_prompt)]
+        completing = (chunk.sequence for chunk in self.prefilling if chunk.completes_prompt)
+        return [*self.decoding, *(sequence for sequence in completing if not sequence.request.scoring)]
+
+    @cached_property
+    def scored(self) -> list[ScheduledChunk]:
+        """The chunks that compute scored positions, in prefill order."""
+        return [chunk for chunk in self.prefilling if chunk.scored_positions]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What the runner gives back for a step."""
+
+    token_ids: list[int]  # one per `step.sampled` sequence, in order
+    logprobs: list[TokenLogprobs | None] | None = None  # likewise, when any of them asked for log probabilities
+    # seq_id -> scored position -> the log probabilities of that ScoredPosition's tokens
+    scores: dict[int, dict[int, tuple[float, ...]]] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)  # seq_id -> why its token cannot be used: it ends with ERROR
 
 
 class Scheduler:
@@ -69,6 +100,7 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.prefill_budget = prefill_budget
         self.max_queue_size = max_queue_size
+        self.priority_headroom = max(1, max_batch_size // 4)
         self._metrics = metrics
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -87,6 +119,10 @@ class Scheduler:
     def queue_full(self) -> bool:
         return len(self.waiting) >= self.max_queue_size
 
+    def refuses(self, priority: int) -> bool:
+        """Whether `add` would refuse a sequence of this priority now."""
+        return self.queue_full and self.waiting[-1].request.priority <= priority
+
     @property
     def load(self) -> dict[str, int]:
         """Sequences in the batch and in the queue, and the prefix cache's hits (in blocks)."""
@@ -101,9 +137,16 @@ class Scheduler:
         }
 
     def add(self, sequence: Sequence) -> None:
+        """Queues the sequence in priority order; a full queue drops its newest sequence of the lowest
+        priority for it if that priority is lower than the sequence's, else raises QueueFull."""
         if self.queue_full:
-            raise QueueFull(f"{len(self.waiting)} sequences are waiting (max_queue_size={self.max_queue_size})")
-        self.waiting.append(sequence)
+            if self.refuses(sequence.request.priority):
+                raise QueueFull(f"{len(self.waiting)} sequences are waiting (max_queue_size={self.max_queue_size})")
+            self.finish(self.waiting.pop(), FinishReason.REFUSED, f"a request of priority {sequence.request.priority} took its place")
+        place = len(self.waiting)
+        while place and self.waiting[place - 1].request.priority > sequence.request.priority:
+            place -= 1
+        self.waiting.insert(place, sequence)
 
     def schedule(self, now: float) -> ScheduledStep | None:
         """The next step, or None when no sequence is running."""
@@ -117,8 +160,11 @@ class Scheduler:
         prefilling: list[ScheduledChunk] = []
         copies: list[BlockCopy] = []
         budget = self.prefill_budget
-        for sequence in sorted((s for s in self.running if not s.decoding), key=lambda s: s.prompt_length - s.computed):
-            if budget <= 0:
+        prefill_order = sorted(
+            (s for s in self.running if not s.decoding), key=lambda s: (s.request.priority, s.prompt_length - s.computed)
+        )
+        for sequence in prefill_order:
+            if budget <= 0 or sequence.request.priority > prefill_order[0].request.priority:
                 break
             start, end = sequence.computed, min(sequence.prompt_length, sequence.computed + budget)
             if start == sequence.cached_prompt_tokens:  # its first chunk
@@ -131,8 +177,8 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         return ScheduledStep(decoding, prefilling, copies, finished)
 
-    def update(self, step: ScheduledStep, token_ids: list[int], now: float) -> None:
-        """Books a step the runner has run: `token_ids` holds one token per `step.sampled` sequence."""
+    def update(self, step: ScheduledStep, output: StepOutput, now: float) -> None:
+        """Books a step the runner has run."""
         self.steps += 1
         self._metrics.step_sequences.observe(len(step.decoding) + len(step.prefilling))
         for chunk in step.prefilling:
@@ -141,12 +187,21 @@ class Scheduler:
                 self.blocks.release([sequence.pending_copy.source])
                 sequence.pending_copy = None
             sequence.computed = chunk.end
+            sequence.scores.update(output.scores.get(sequence.seq_id, {}))
             if sequence.decoding:
                 self.blocks.remember_prompt(sequence.blocks, sequence.hashes, sequence.prompt_ids)
+                if sequence.request.scoring:
+                    scores = tuple(sequence.scores[scored.position] for scored in sequence.request.scored)
+                    sequence.sink(ScoreEvent(scores))
+                    self._retire(sequence, FinishReason.STOP)
         for sequence in step.decoding:
             sequence.computed += 1
-        for sequence, token_id in zip(step.sampled, token_ids):
-            self._emit(sequence, token_id, now)
+        logprobs = output.logprobs or [None] * len(step.sampled)
+        for sequence, token_id, token_logprobs in zip(step.sampled, output.token_ids, logprobs):
+            if sequence.seq_id in output.failed:
+                self._retire(sequence, FinishReason.ERROR, output.failed[sequence.seq_id])
+            else:
+                self._emit(sequence, token_id, token_logprobs, now)
 
     def fail_running(self, detail: str) -> None:
         """Ends every running sequence with an error: the step they were in failed."""
@@ -193,13 +248,20 @@ class Scheduler:
             return FinishReason.TIMEOUT
         return None
 
+    def _has_room_for(self, sequence: Sequence) -> bool:
+        if len(self.running) < self.max_batch_size:
+            return True
+        return len(self.running) < self.max_batch_size + self.priority_headroom and any(
+            running.request.priority > sequence.request.priority for running in self.running
+        )
+
     def _admit(self) -> None:
-        """Oldest first, while the batch has room and the cache has blocks."""
-        while self.waiting and len(self.running) < self.max_batch_size:
+        """In queue order, while the batch has room and the cache has blocks."""
+        while self.waiting and self._has_room_for(self.waiting[0]):
             sequence = self.waiting[0]
             needed = self.blocks_needed(sequence.prompt_length, sequence.request.max_new_tokens)
             try:
-                claim = self.blocks.claim(sequence.prompt_ids, sequence.hashes, needed)
+                claim = self.blocks.claim(sequence.prompt_ids, sequence.hashes, needed, sequence.request.first_scored_position)
             except CacheFull:
                 return  # it waits for running sequences to give blocks back
             self.waiting.popleft()
@@ -207,7 +269,7 @@ class Scheduler:
             sequence.computed = sequence.cached_prompt_tokens = claim.cached_tokens
             self.running.append(sequence)
 
-    def _emit(self, sequence: Sequence, token_id: int, now: float) -> None:
+    def _emit(self, sequence: Sequence, token_id: int, logprobs: TokenLogprobs | None, now: float) -> None:
         sequence.output_ids.append(token_id)
         sequence.last_token_at = now
         if len(sequence.output_ids) == 1:
@@ -216,7 +278,7 @@ class Scheduler:
         if token_id in self._eos and not sequence.request.ignore_eos:
             self._retire(sequence, FinishReason.STOP)
             return
-        sequence.sink(TokenEvent(token_id))
+        sequence.sink(TokenEvent(token_id, logprobs))
         if len(sequence.output_ids) >= sequence.request.max_new_tokens:
             self._retire(sequence, FinishReason.LENGTH)
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 class FinishReason(str, enum.Enum):
@@ -19,6 +20,7 @@ class FinishReason(str, enum.Enum):
     TIMEOUT = "timeout"  # its deadline passed
     CANCELLED = "cancelled"  # its caller left
     UNLOADED = "unloaded"  # the model was unloaded under it
+    REFUSED = "refused"  # dropped from a full queue for a request of higher priority
     ERROR = "error"  # a failed batch step, or a dead scheduler
 
     @property
@@ -28,8 +30,25 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A chosen token's log probability, and the likeliest tokens' at its position, likeliest first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     token_id: int
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+
+
+@dataclass(frozen=True)
+class ScoreEvent:
+    """A scoring request's answer, sent before its FinishEvent: per ScoredPosition, in order, the log
+    probability of each of its tokens."""
+
+    logprobs: tuple[tuple[float, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -41,8 +60,26 @@ class FinishEvent:
     detail: str = ""
 
 
-Event = TokenEvent | FinishEvent
+Event = TokenEvent | ScoreEvent | FinishEvent
 Sink = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class ScoredPosition:
+    """Which tokens' log probabilities a scoring request wants from the logits at a prompt position
+    (those that predict the token after it)."""
+
+    position: int
+    token_ids: tuple[int, ...]
+
+
+class TokenMask(Protocol):
+    """A sequence's constraint on its next token (grammar.py's matcher): fills its row of a bitmask
+    of allowed tokens, and follows the tokens chosen."""
+
+    def fill_mask(self, bitmask: Any, row: int) -> None: ...
+
+    def accept(self, token_id: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -55,6 +92,19 @@ class SamplingRequest:
     seed: int | None = None
     min_new_tokens: int = 0  # the runner masks end-of-sequence tokens until this many are generated
     ignore_eos: bool = False  # an end-of-sequence token does not end the sequence
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k likeliest tokens' log probabilities
+    priority: int = 0  # lower runs first, as in vLLM; equal priorities keep their order of arrival
+    grammar: Callable[[], TokenMask] | None = None  # a fresh constraint for the sequence (a compiled grammar's matcher)
+    scored: tuple[ScoredPosition, ...] = ()  # a scoring request: no token is generated, the prompt's logits answer
+
+    @property
+    def scoring(self) -> bool:
+        return bool(self.scored)
+
+    @property
+    def first_scored_position(self) -> int:
+        """The prefix cache may stand in for the prompt only before this position: scored logits are computed."""
+        return self.scored[0].position if self.scored else len(self.prompt_ids)
 
 
 @dataclass(frozen=True)
@@ -82,6 +132,7 @@ class Sequence:
     computed: int = 0  # tokens whose keys and values are in the cache
     cached_prompt_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
+    scores: dict[int, tuple[float, ...]] = field(default_factory=dict)  # a scoring request's, by position, as computed
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float = 0.0
     last_token_at: float = 0.0

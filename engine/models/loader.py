@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -17,10 +18,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from domain import CatalogEntry, GenerationError, InsufficientMemoryError, InvalidRequestError, Prompt
+from domain.generation import MAX_LABEL_TOKENS
 from metrics import LOAD_SECONDS, SchedulerMetrics
 
 from ..core.block_manager import BLOCK_SIZE, BlockManager
+from ..core.detokenizer import TokenTexts
 from ..core.engine_core import EngineCore
+from ..core.grammar import GrammarCompiler
 from ..core.kv_cache import PagedKVCache
 from ..core.model_runner import ModelRunner
 from ..core.scheduler import Scheduler
@@ -81,6 +85,28 @@ class LoadedModel:
         if not prompt_ids:
             raise InvalidRequestError(f"prompt: must have at least one token for model {self.model_id!r}, got none")
         return prompt_ids
+
+    def encode_labels(self, labels: tuple[str, ...], field: str) -> list[list[int]]:
+        """Each label's tokens as they would follow the prompt (as the model would write it)."""
+        encoded = []
+        for index, label in enumerate(labels):
+            tokens = self.tokenizer(label, add_special_tokens=False)["input_ids"]
+            if not 1 <= len(tokens) <= MAX_LABEL_TOKENS:
+                raise InvalidRequestError(
+                    f"{field}[{index}]: must be 1 to {MAX_LABEL_TOKENS} tokens for model {self.model_id!r}, "
+                    f"got {len(tokens)} for {label!r}"
+                )
+            encoded.append(tokens)
+        return encoded
+
+    @cached_property
+    def token_texts(self) -> TokenTexts:
+        return TokenTexts(self.tokenizer)
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Made at the first structured request: the grammar library reads the whole vocabulary."""
+        return GrammarCompiler(self.tokenizer, self.model.config.vocab_size, eos_token_ids(self.model, self.tokenizer))
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuses a request past the model's context window, or larger than its whole KV cache."""

@@ -123,10 +123,10 @@ def engine_logits(
     while scheduler.has_work:
         step = scheduler.schedule(time.monotonic())
         captured.clear()
-        tokens = runner.execute(step)
+        output = runner.execute(step)
         for row, sequence in enumerate(step.sampled):
             logits_by_sequence[sequences.index(sequence)].append(captured[0][row])
-        scheduler.update(step, tokens, time.monotonic())
+        scheduler.update(step, output, time.monotonic())
     hook.remove()
     return logits_by_sequence, [sequence.output_ids for sequence in sequences]
 

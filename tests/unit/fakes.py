@@ -14,6 +14,8 @@ from typing import Any
 
 from domain import (
     CatalogEntry,
+    ClassifyParams,
+    Decision,
     DeviceNotAvailableError,
     Generation,
     GenerationLimits,
@@ -27,7 +29,7 @@ from domain import (
     SystemMonitor,
 )
 from engine.core.engine_core import StepRunner
-from engine.core.scheduler import ScheduledStep
+from engine.core.scheduler import ScheduledStep, StepOutput
 from engine.core.sequence import Event, FinishEvent, TokenEvent
 
 CREATED_AT = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -62,6 +64,7 @@ class FakeModelRepository(ModelRepository):
     - `fail_next_generations` / `fail_next_loads` make the next calls raise the given error instead.
 
     A generation echoes the last (user) message of the prompt, or a raw prompt's text, as its text.
+    A decision picks the first label the last message mentions (else the first label), at 0.9.
     """
 
     def __init__(self, catalog: ModelCatalog, devices: tuple[str, ...] = ("cpu",)) -> None:
@@ -69,6 +72,7 @@ class FakeModelRepository(ModelRepository):
         self.devices = devices
         self.loaded: dict[str, str] = {}  # model id -> device
         self.generations: list[tuple[str, Prompt, GenerationParams]] = []  # what was generated, in order
+        self.decisions: list[tuple[str, Prompt, ClassifyParams]] = []  # what was classified, in order
         self._generation_failures: list[ModelServiceError] = []
         self._load_failures: list[ModelServiceError] = []
         self.engine_errors: dict[str, str] = {}  # model id -> why its batch scheduler died
@@ -122,6 +126,21 @@ class FakeModelRepository(ModelRepository):
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
         )
+
+    async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
+        if self._generation_failures:
+            raise self._generation_failures.pop(0)
+        if model_id not in self.loaded:
+            self.catalog.get(model_id)
+            raise ModelNotLoadedError.for_id(model_id)
+        self.decisions.append((model_id, prompt, params))
+        text = prompt.messages[-1].content
+        label = next((label for label in params.labels if label in text), params.labels[0])
+        rest = (1 - 0.9) / max(1, len(params.labels) - 1)
+        probabilities = {each: 0.9 if each == label else rest for each in params.labels}
+        if len(params.labels) == 1:
+            probabilities = {label: 1.0}
+        return Decision(label, probabilities, model_id, len(text.split()), 0, 0.0)
 
     async def get_model(self, model_id: str) -> Model:
         self.catalog.get(model_id)
@@ -192,13 +211,23 @@ class ScriptedRunner(StepRunner):
         self.fatal = False
         self.step_s = 0.0
 
-    def execute(self, step: ScheduledStep) -> list[int]:
+    def execute(self, step: ScheduledStep) -> StepOutput:
         self.steps.append(step)
         self.forgotten.update(step.finished_ids)
         time.sleep(self.step_s)
         if self.fail_with is not None:
             raise self.fail_with
-        return [self._next_token(sequence.request.prompt_ids, len(sequence.output_ids)) for sequence in step.sampled]
+        token_ids = [self._next_token(s.request.prompt_ids, len(s.output_ids)) for s in step.sampled]
+        scores = {}
+        for chunk in step.scored:
+            wanted = {scored.position: scored.token_ids for scored in chunk.sequence.request.scored}
+            scores[chunk.sequence.seq_id] = {at: self.score(at, wanted[at]) for at in chunk.scored_positions}
+        return StepOutput(token_ids, scores=scores)
+
+    @staticmethod
+    def score(position: int, token_ids: tuple[int, ...]) -> tuple[float, ...]:
+        """The log probabilities it gives tokens at a scored position: distinct for each position and token."""
+        return tuple(-(position + token_id / 1000) for token_id in token_ids)
 
     def is_fatal(self, error: Exception) -> bool:
         return self.fatal

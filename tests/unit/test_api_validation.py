@@ -35,7 +35,8 @@ async def echo(request: Request) -> JSONResponse:
 
 def make_client(max_body_bytes: int = MAX_BODY_BYTES) -> TestClient:
     """The middleware over the echo app; an exception escaping the middleware answers a bare 500, as in a server."""
-    generate, load, unload = request_schemas(Settings())
+    schemas = request_schemas(Settings())
+    generate, load, unload = schemas.generate, schemas.load_model, schemas.unload_model
     downstream = Starlette(routes=[Route("/{path:path}", echo, methods=["GET", "POST"])])
     app = RequestValidationMiddleware(
         downstream,
@@ -131,6 +132,11 @@ class TestGenerateRequests:
             "use_async": True,
             "min_tokens": None,
             "ignore_eos": False,
+            "items": None,
+            "priority": None,
+            "logprobs": False,
+            "top_logprobs": None,
+            "choices": None,
         }
 
     def test_the_app_gets_a_json_content_type_and_the_right_length(self, client: TestClient) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pytest
@@ -18,6 +19,7 @@ from domain import (
     ModelNotFoundError,
     Prompt,
     PromptBuilder,
+    TokenLogprob,
 )
 from domain.prompt import DEFAULT_SYSTEM_PROMPT
 from tests.unit.fakes import InMemoryCatalog
@@ -107,7 +109,14 @@ class TestGeneration:
             "time_to_first_token_s": 0.0,
             "cached_prompt_tokens": 0,
             "cached": False,
+            "logprobs": None,
         }
+
+    def test_round_trips_with_its_logprobs(self) -> None:
+        top = TokenLogprob("No", (78, 111), -0.4)
+        generation = replace(a_generation(), logprobs=(TokenLogprob("Yes", (89, 101, 115), -1.1, (top,)),))
+
+        assert Generation.from_dict(json.loads(json.dumps(generation.to_dict()))) == generation
 
     def test_from_cache_marks_it_cached_with_no_generation_time(self) -> None:
         generation = a_generation()

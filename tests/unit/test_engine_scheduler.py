@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from engine.core.block_manager import BLOCK_SIZE, BlockManager, block_hashes
-from engine.core.scheduler import QueueFull, ScheduledStep, Scheduler
-from engine.core.sequence import BlockCopy, FinishEvent, FinishReason, SamplingRequest, Sequence
+from engine.core.scheduler import QueueFull, ScheduledStep, Scheduler, StepOutput
+from engine.core.sequence import (
+    BlockCopy,
+    FinishEvent,
+    FinishReason,
+    SamplingRequest,
+    ScoredPosition,
+    ScoreEvent,
+    Sequence,
+)
 from metrics import SchedulerMetrics
 from tests.unit.fakes import EOS, RecordingCaller, ScriptedRunner
 
@@ -26,10 +36,16 @@ def scheduler(num_blocks: int = 64, max_batch_size: int = 8, prefill_budget: int
 
 
 def submit(
-    into: Scheduler, prompt: list[int], max_new_tokens: int = 4, deadline: float = FAR
+    into: Scheduler,
+    prompt: list[int],
+    max_new_tokens: int = 4,
+    deadline: float = FAR,
+    priority: int = 0,
+    scored: tuple[ScoredPosition, ...] = (),
 ) -> tuple[Sequence, RecordingCaller]:
     caller = RecordingCaller()
-    sequence = Sequence(SamplingRequest(prompt, max_new_tokens, 0.0, deadline), caller.sink, block_hashes(prompt))
+    request = SamplingRequest(prompt, max_new_tokens, 0.0, deadline, priority=priority, scored=scored)
+    sequence = Sequence(request, caller.sink, block_hashes(prompt))
     into.add(sequence)
     return sequence, caller
 
@@ -241,3 +257,117 @@ def test_a_copy_whose_sequence_never_ran_is_let_go_with_it():
     into.schedule(NOW)
 
     assert sum(into.blocks.references) == 0
+
+
+def test_higher_priority_is_admitted_first_and_equal_priorities_keep_their_order():
+    runner = ScriptedRunner()
+    into = scheduler(max_batch_size=1)
+    running, _ = submit(into, prompt_of(5), max_new_tokens=2)
+    step(into, runner)
+    bulk_first, _ = submit(into, prompt_of(5, 2000), priority=10)
+    bulk_second, _ = submit(into, prompt_of(5, 3000), priority=10)
+    normal, _ = submit(into, prompt_of(5, 4000))
+    interactive, _ = submit(into, prompt_of(5, 5000), priority=-10)
+
+    assert list(into.waiting) == [interactive, normal, bulk_first, bulk_second]
+    admitted = []
+    while into.has_work:
+        scheduled = step(into, runner)
+        admitted += [chunk.sequence for chunk in scheduled.prefilling if chunk.start == 0]
+    assert admitted == [interactive, normal, bulk_first, bulk_second]
+
+
+def test_while_a_more_urgent_prompt_prefills_less_urgent_prompts_wait():
+    into = scheduler(prefill_budget=16)
+    normal, _ = submit(into, prompt_of(6))
+    batch, _ = submit(into, prompt_of(4, 2000), priority=10)
+    interactive, _ = submit(into, prompt_of(7, 3000), priority=-10)
+    other_interactive, _ = submit(into, prompt_of(3, 4000), priority=-10)
+
+    first = into.schedule(NOW)
+    into.update(first, ScriptedRunner().execute(first), NOW)
+    second = into.schedule(NOW)
+
+    assert [(c.sequence, c.end) for c in first.prefilling] == [(other_interactive, 3), (interactive, 7)]
+    assert [(c.sequence, c.end) for c in second.prefilling] == [(normal, 6)]
+
+
+def test_a_more_urgent_request_joins_a_full_batch_within_its_headroom():
+    into = scheduler(max_batch_size=4)
+    for first in range(4):
+        submit(into, prompt_of(5, 1000 * (first + 1)), max_new_tokens=50, priority=10)
+    step(into, ScriptedRunner())
+    normal, _ = submit(into, prompt_of(5, 6000), priority=10)
+    interactive, _ = submit(into, prompt_of(5, 7000), priority=-10)
+    second_interactive, _ = submit(into, prompt_of(5, 8000), priority=-10)
+
+    step(into, ScriptedRunner())
+
+    assert into.priority_headroom == 1 and len(into.running) == 5
+    assert interactive in into.running and list(into.waiting) == [second_interactive, normal]
+
+
+def test_a_full_queue_drops_its_newest_lowest_priority_request_for_a_higher_one():
+    into = scheduler(max_batch_size=1, max_queue_size=3)
+    submit(into, prompt_of(5))
+    step(into, ScriptedRunner())
+    old_bulk, old_bulk_caller = submit(into, prompt_of(5, 2000), priority=10)
+    new_bulk, new_bulk_caller = submit(into, prompt_of(5, 3000), priority=10)
+    normal, _ = submit(into, prompt_of(5, 4000))
+
+    with pytest.raises(QueueFull):  # no lower priority waits: refused like any request to a full queue
+        submit(into, prompt_of(5, 5000), priority=10)
+    interactive, _ = submit(into, prompt_of(5, 6000), priority=-10)
+
+    assert list(into.waiting) == [interactive, normal, old_bulk]
+    assert new_bulk_caller.finish.reason is FinishReason.REFUSED
+    assert "priority -10" in new_bulk_caller.finish.detail
+    assert old_bulk_caller.finish is None
+    assert into.refuses(10) and not into.refuses(0)
+
+
+def test_a_scoring_request_answers_from_its_prompt_logits_and_generates_nothing():
+    runner = ScriptedRunner()
+    into = scheduler(prefill_budget=8)
+    prompt = prompt_of(12)
+    scored = (ScoredPosition(3, (7, 9)), ScoredPosition(11, (5,)))
+    sequence, caller = submit(into, prompt, max_new_tokens=0, scored=scored)
+
+    assert run_until_idle(into, runner) == 2  # the prompt in two chunks, each scoring its own position
+    assert [chunk.scored_positions for chunk in runner.steps[0].scored] == [[3]]
+    assert [chunk.scored_positions for chunk in runner.steps[1].scored] == [[11]]
+    assert all(step.sampled == [] for step in runner.steps)
+    assert caller.events[0] == ScoreEvent((runner.score(3, (7, 9)), runner.score(11, (5,))))
+    assert caller.finish == FinishEvent(FinishReason.STOP, 12, 0, 0)
+    assert caller.tokens == [] and into.blocks.available == into.blocks.usable
+
+
+def test_a_scoring_request_computes_its_scored_positions_even_when_the_prefix_cache_holds_them():
+    runner = ScriptedRunner()
+    into = scheduler()
+    prompt = prompt_of(3 * BLOCK_SIZE)
+    submit(into, prompt, max_new_tokens=1)
+    run_until_idle(into, runner)  # its prompt's blocks are cached now
+    position = BLOCK_SIZE + 2
+    sequence, caller = submit(into, prompt, max_new_tokens=0, scored=(ScoredPosition(position, (1,)),))
+
+    run_until_idle(into, runner)
+
+    assert sequence.cached_prompt_tokens == position  # the cache stands in only before the scored position
+    assert caller.events[0] == ScoreEvent((runner.score(position, (1,)),))
+
+
+def test_a_row_the_runner_fails_ends_alone_with_an_error():
+    class GrammarRefusing(ScriptedRunner):
+        def execute(self, step: ScheduledStep) -> StepOutput:
+            output = super().execute(step)
+            return replace(output, failed={step.sampled[0].seq_id: "the grammar refused token 1"})
+
+    into = scheduler()
+    _, refused = submit(into, prompt_of(5))
+    _, other = submit(into, prompt_of(5, 2000), max_new_tokens=1)
+
+    step(into, GrammarRefusing())
+
+    assert refused.finish == FinishEvent(FinishReason.ERROR, 5, 0, 0, "the grammar refused token 1")
+    assert other.finish.reason is FinishReason.LENGTH and other.tokens == [ScriptedRunner.FILLER]

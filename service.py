@@ -157,8 +157,10 @@ class AIModelService:
         if self.response_cache is not None:
             await self.response_cache.close()
 
+    # The routes that answer a single or a batch body declare a plain object: BentoML documents one body
+    # per API and its Python client reads the answer through that one; ANSWERS documents both.
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
-    async def generate(self, ctx: bentoml.Context, **request: Any) -> GenerateResponse | BatchGenerateResponse:
+    async def generate(self, ctx: bentoml.Context, **request: Any) -> dict[str, Any]:
         """The answer to `query` with its `context`; with `choices`, the likeliest choice and every choice's
         probability; with `items`, one answer per item, in order."""
         return await answer(cancel_on_disconnect(ctx.request, self._generate(request)), ctx)
@@ -170,12 +172,12 @@ class AIModelService:
         return await answer(self._event_stream(ctx.request, request), ctx)
 
     @bentoml.task(route="/generate-task", input_spec=GenerateRequest)
-    async def generate_task(self, **request: Any) -> GenerateResponse | BatchGenerateResponse:
+    async def generate_task(self, **request: Any) -> dict[str, Any]:
         """Submit-and-poll generation: POST /generate-task/submit, then GET /generate-task/status and /get."""
         return await answer(self._generate(request))
 
     @bentoml.api(route="/classify", input_spec=ClassifyRequest)
-    async def classify(self, ctx: bentoml.Context, **request: Any) -> ClassifyResponse | BatchClassifyResponse:
+    async def classify(self, ctx: bentoml.Context, **request: Any) -> dict[str, Any]:
         """A decision: the likeliest of `labels` as the answer to `query` with its `context`, and every
         label's probability, from one prompt computation; with `items`, one decision per item, in order."""
         return await answer(cancel_on_disconnect(ctx.request, self._classify(request)), ctx)
@@ -196,7 +198,7 @@ class AIModelService:
         models = await self.models.list_models()
         return {"default_model_id": settings.default_model_id, "models": [model.to_dict() for model in models]}
 
-    async def _generate(self, fields: dict[str, Any]) -> GenerateResponse | BatchGenerateResponse:
+    async def _generate(self, fields: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
 
         async def generated(command: GenerateText | Classify) -> GenerateResponse:
@@ -206,20 +208,22 @@ class AIModelService:
             return GenerateResponse.of(await self.generate_text(command), time.perf_counter() - started)
 
         if fields["items"] is None:
-            return await generated(generation_command(fields))
+            return (await generated(generation_command(fields))).model_dump()
         results = await answer_items(fields, schemas.batch_item, generation_command, generated)
-        return BatchGenerateResponse(results=results, total_time_ms=round((time.perf_counter() - started) * 1000, 2))
+        total_ms = round((time.perf_counter() - started) * 1000, 2)
+        return BatchGenerateResponse(results=results, total_time_ms=total_ms).model_dump()
 
-    async def _classify(self, fields: dict[str, Any]) -> ClassifyResponse | BatchClassifyResponse:
+    async def _classify(self, fields: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
 
         async def decided(command: Classify) -> ClassifyResponse:
             return ClassifyResponse.of(await self.generate_text.classify(command), time.perf_counter() - started)
 
         if fields["items"] is None:
-            return await decided(classify_command(fields))
+            return (await decided(classify_command(fields))).model_dump()
         results = await answer_items(fields, schemas.batch_item, classify_command, decided)
-        return BatchClassifyResponse(results=results, total_time_ms=round((time.perf_counter() - started) * 1000, 2))
+        total_ms = round((time.perf_counter() - started) * 1000, 2)
+        return BatchClassifyResponse(results=results, total_time_ms=total_ms).model_dump()
 
     async def _event_stream(self, request: Request, fields: dict[str, Any]) -> StreamingResponse:
         if fields["items"] is not None:
@@ -273,6 +277,10 @@ AIModelService.add_asgi_middleware(
     },
     openai_routes=OPENAI_ROUTES,
     exact_models=[ChatCompletionRequest, CompletionRequest],
+    answers={
+        **dict.fromkeys(("/generate", "/generate-task/get"), (GenerateResponse, BatchGenerateResponse)),
+        "/classify": (ClassifyResponse, BatchClassifyResponse),
+    },
 )
 AIModelService.add_asgi_middleware(UnroutedPathMiddleware, openai_app=openai_app, prefix=OPENAI_PREFIX)
 # Outermost first: a request over the cap is refused before its body is read. Both share one count.

@@ -108,19 +108,29 @@ def document_errors(
     event_stream_routes: Mapping[str, str] | None = None,
     openai_routes: Iterable[str] = (),
     exact_models: Iterable[type[BaseModel]] = (),
+    answers: Mapping[str, Iterable[type[BaseModel]]] | None = None,
 ) -> dict[str, Any]:
     """A copy of `spec` whose routes in `errors_by_route` list their success and the errors they answer,
     in OpenAI's shape on `openai_routes`, instead of the generic errors BentoML or FastAPI put there.
     `event_stream_routes` maps a route whose success is a server-sent event stream (beside JSON, if
     it documents JSON) to what each event's data holds. `exact_models` are served as pydantic writes
-    them: BentoML and FastAPI round every numeric bound through a float (2**63 - 1 becomes 2**63)."""
+    them: BentoML and FastAPI round every numeric bound through a float (2**63 - 1 becomes 2**63).
+    `answers` maps a route that answers one of several bodies to their models: BentoML documents
+    only one body per API (it flattens a union to its first member)."""
     spec = json.loads(json.dumps(spec))  # a deep copy, with statuses as JSON writes them: strings
     # The schemas are pydantic's JSON Schema 2020-12 (`anyOf: [X, {type: null}]` for an optional field),
     # which is OpenAPI 3.1's dialect; BentoML labels the document 3.0.2, whose readers misread them.
     spec["openapi"] = OPENAPI_VERSION
     whole_request_schemas(spec)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    schemas.update({ERROR_SCHEMA_NAME: ERROR_SCHEMA, **pydantic_schemas([OpenAIErrorResponse, *exact_models])})
+    answer_models = [model for models in (answers or {}).values() for model in models]
+    schemas.update(
+        {ERROR_SCHEMA_NAME: ERROR_SCHEMA, **pydantic_schemas([OpenAIErrorResponse, *exact_models, *answer_models])}
+    )
+    for route, models in (answers or {}).items():
+        for operation in spec["paths"][route].values():
+            success = {"anyOf": [{"$ref": SCHEMAS_REF + model.__name__} for model in models]}
+            operation["responses"]["200"]["content"]["application/json"]["schema"] = success
     openai_routes = set(openai_routes)
     for route, error_types in errors_by_route.items():
         schema_name = OPENAI_ERROR_SCHEMA_NAME if route in openai_routes else ERROR_SCHEMA_NAME

@@ -5,9 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
-from domain import Decision, Generation, Model, TokenLogprob
+from domain import Decision, Generation, InvalidRequestError, Model, TokenLogprob
 from domain.generation import (
     MAX_LABEL_CHARS,
     MAX_LABELS,
@@ -16,6 +25,7 @@ from domain.generation import (
     MAX_TOP_LOGPROBS,
     MIN_PRIORITY,
     PRIORITY_NAMES,
+    priority_value,
 )
 from settings import DEVICE_NAMES, MODEL_ID_PATTERN, Settings, validate_device
 
@@ -32,9 +42,30 @@ PRIORITY_DESCRIPTION = (
     f"lower runs first and is refused last when the queue is full: {', '.join(PRIORITY_NAMES)} "
     f"({', '.join(map(str, PRIORITY_NAMES.values()))}) or an integer from {MIN_PRIORITY} to {MAX_PRIORITY}; default normal"
 )
+
+
+def _priority(value: Any) -> Any:
+    if value is not None:
+        try:
+            priority_value(value)
+        except InvalidRequestError as error:
+            raise ValueError(str(error).removeprefix("priority: ")) from None
+    return value
+
+
 Priority = Annotated[
-    Literal[tuple(PRIORITY_NAMES)] | Annotated[int, Field(strict=True, ge=MIN_PRIORITY, le=MAX_PRIORITY)] | None,  # type: ignore[valid-type]
-    Field(None, description=PRIORITY_DESCRIPTION),
+    int | str | None,
+    BeforeValidator(_priority),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": list(PRIORITY_NAMES)},
+                {"type": "integer", "minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY},
+                {"type": "null"},
+            ],
+            "description": PRIORITY_DESCRIPTION,
+        }
+    ),
 ]
 Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
 Labels = Annotated[list[Label], Field(min_length=1, max_length=MAX_LABELS)]
@@ -118,11 +149,12 @@ def request_schemas(settings: Settings) -> RequestSchemas:
         )
         priority: Priority = None
 
-        @model_validator(mode="after")
-        def _items_share_the_context_field(self) -> Any:
-            if self.items is not None and self.context:
-                raise ValueError("give context in each item of items, not beside them")
-            return self
+        @field_validator("items")
+        @classmethod
+        def _no_shared_context(cls, items: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+            if items is not None and info.data.get("context"):
+                raise ValueError("each item brings its own context: give none beside items")
+            return items
 
     class ClassifyRequest(Verdict):
         labels: Labels = Field(description="the allowed answers; each is scored over all its tokens after the prompt")
@@ -151,17 +183,22 @@ def request_schemas(settings: Settings) -> RequestSchemas:
             None, description="answer with the likeliest of these (as /classify does), with every choice's probability"
         )
 
-        @model_validator(mode="after")
-        def _consistent(self) -> Any:
-            if self.top_logprobs is not None and not self.logprobs:
-                raise ValueError(f"top_logprobs: needs logprobs true, got top_logprobs {self.top_logprobs}")
-            if self.choices is not None:
-                generation_only = ("max_length", "temperature", "min_tokens", "top_logprobs")
-                given = [name for name in generation_only if getattr(self, name) is not None]
-                given += [name for name in ("ignore_eos", "logprobs") if getattr(self, name)]
-                if given:
-                    raise ValueError(f"choices: a decision among choices generates nothing, so it takes no {given[0]}")
-            return self
+        @field_validator("top_logprobs")
+        @classmethod
+        def _with_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+            if top_logprobs is not None and not info.data.get("logprobs"):
+                raise ValueError(f"needs logprobs true, got {top_logprobs} without it")
+            return top_logprobs
+
+        @field_validator("choices")
+        @classmethod
+        def _nothing_generated(cls, choices: list[str] | None, info: ValidationInfo) -> list[str] | None:
+            """A decision generates no token: the fields that shape generated tokens have no meaning for it."""
+            if choices is not None:
+                for name in ("max_length", "temperature", "min_tokens", "top_logprobs", "ignore_eos", "logprobs"):
+                    if info.data.get(name) not in (None, False):
+                        raise ValueError(f"a decision generates nothing, so it takes no {name}, got {name} {info.data[name]}")
+            return choices
 
     class LoadModelRequest(Request):
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")

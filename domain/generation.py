@@ -203,10 +203,16 @@ def priority_value(priority: int | str | None) -> int:
         return PRIORITY_NAMES["normal"]
     if isinstance(priority, str):
         if priority not in PRIORITY_NAMES:
-            raise InvalidRequestError(f"priority: must be one of {sorted(PRIORITY_NAMES)} or an integer, got {priority!r}")
+            raise InvalidRequestError(
+                f"priority: must be one of {sorted(PRIORITY_NAMES)} or an integer from {MIN_PRIORITY} to "
+                f"{MAX_PRIORITY}, got {priority!r}"
+            )
         return PRIORITY_NAMES[priority]
-    if isinstance(priority, bool) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise InvalidRequestError(f"priority: an integer must be between {MIN_PRIORITY} and {MAX_PRIORITY}, got {priority!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidRequestError(
+            f"priority: must be one of {sorted(PRIORITY_NAMES)} or an integer from {MIN_PRIORITY} to {MAX_PRIORITY}, "
+            f"got {priority!r}"
+        )
     return priority
 
 

@@ -306,7 +306,7 @@ def check_labels(labels: list[str] | tuple[str, ...], field: str = "labels") -> 
         raise InvalidRequestError(f"{field}: must hold 1 to {MAX_LABELS} labels, got {len(labels)}")
     for index, label in enumerate(labels):
         if not 1 <= len(label) <= MAX_LABEL_CHARS:
-            raise InvalidRequestError(f"{field}[{index}]: must be 1 to {MAX_LABEL_CHARS} characters, got {label!r}")
+            raise InvalidRequestError(f"{field}.{index}: must be 1 to {MAX_LABEL_CHARS} characters, got {label!r}")
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         raise InvalidRequestError(f"{field}: each label must be distinct, got {repeated[0]!r} more than once")

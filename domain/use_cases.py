@@ -5,7 +5,7 @@ from typing import TypeVar
 
 from .commands import Classify, CompletePrompt, GenerateText, LoadModel, OptimizeMemory
 from .errors import InsufficientMemoryError, ModelNotLoadedError
-from .generation import Decision, Generation, GenerationLimits, GenerationParams, Prompt
+from .generation import Decision, Generation, GenerationLimits, GenerationParams, Prompt, TextDelta
 from .ports import ModelRepository
 from .prompt import PromptBuilder
 from .response_cache import ResponseCache, response_key
@@ -55,8 +55,8 @@ class GenerateTextUseCase:
         model_id, prompt, params = self._prepare(command)
         key = self._cache_key(model_id, prompt, params)
         if (cached := await self._lookup(key)) is not None:
-            if cached.text:
-                yield cached.text
+            if cached.text or cached.logprobs:
+                yield TextDelta(cached.text, cached.logprobs or ())
             yield cached.from_cache()
             return
 

@@ -93,7 +93,7 @@ class LoadedModel:
             tokens = self.tokenizer(label, add_special_tokens=False)["input_ids"]
             if not 1 <= len(tokens) <= MAX_LABEL_TOKENS:
                 raise InvalidRequestError(
-                    f"{field}[{index}]: must be 1 to {MAX_LABEL_TOKENS} tokens for model {self.model_id!r}, "
+                    f"{field}.{index}: must be 1 to {MAX_LABEL_TOKENS} tokens for model {self.model_id!r}, "
                     f"got {len(tokens)} for {label!r}"
                 )
             encoded.append(tokens)

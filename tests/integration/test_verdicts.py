@@ -104,7 +104,7 @@ def test_a_label_of_too_many_tokens_is_refused_naming_it(repository):
     run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
     labels = ("yes", "a very long answer " * 10)
 
-    with pytest.raises(InvalidRequestError, match=r"labels\[1\]: must be 1 to 16 tokens .* got \d+"):
+    with pytest.raises(InvalidRequestError, match=r"labels\.1: must be 1 to 16 tokens .* got \d+"):
         run(repository.classify(BUNDLED_MODEL_ID, PROMPT, ClassifyParams(labels, 60)))
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
 from domain import (
     ChatMessage,
+    Classify,
     CompletePrompt,
     GenerateText,
     GenerateTextUseCase,
     GenerationError,
+    GuidedDecoding,
     InsufficientMemoryError,
+    InvalidRequestError,
     LoadModel,
     ModelNotFoundError,
     ModelNotLoadedError,
@@ -307,3 +311,73 @@ class TestCompletePrompt:
         asyncio.run(generate_text(CompletePrompt(Prompt.raw("x"), model_id=TEST_MODEL_ID)))
 
         assert repository.is_loaded(TEST_MODEL_ID)
+
+
+class TestClassify:
+    def test_a_decision_gets_the_services_prompt_and_the_request_bounds(
+        self, generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        load(service)
+
+        decision = asyncio.run(
+            generate_text.classify(Classify("Spam?", ("yes", "no"), ["Buy no watches"], timeout=5, priority="batch"))
+        )
+
+        _, prompt, params = repository.decisions[-1]
+        assert prompt.messages[-1] == ChatMessage("user", "Spam?\n\nContext:\n[1] Buy no watches")
+        assert params.labels == ("yes", "no") and params.timeout_s == 5 and params.priority == 10
+        assert decision.label == "no"
+
+    def test_an_unloaded_model_is_loaded_for_a_decision(
+        self, generate_text: GenerateTextUseCase, repository: FakeModelRepository
+    ) -> None:
+        decision = asyncio.run(generate_text.classify(Classify("Spam?", ("yes", "no"))))
+
+        assert repository.is_loaded(DEFAULT_MODEL_ID) and decision.model_id == DEFAULT_MODEL_ID
+
+    @pytest.mark.parametrize(
+        ("labels", "field", "message"),
+        [
+            ((), "labels", "labels: must hold 1 to 64 labels, got 0"),
+            (("a",) * 65, "labels", "labels: must hold 1 to 64 labels, got 65"),
+            (("yes", ""), "choices", "choices.1: must be 1 to 200 characters, got ''"),
+            (("yes", "no", "yes"), "labels", "labels: each label must be distinct, got 'yes' more than once"),
+        ],
+    )
+    def test_bad_labels_are_refused_naming_the_field(
+        self, generate_text: GenerateTextUseCase, repository: FakeModelRepository, labels, field, message
+    ) -> None:
+        with pytest.raises(InvalidRequestError) as refused:
+            asyncio.run(generate_text.classify(Classify("Spam?", labels, labels_field=field)))
+
+        assert str(refused.value) == message and repository.decisions == []
+
+
+class TestVerdictParams:
+    def test_logprobs_priority_and_a_grammar_reach_the_engine(
+        self, generate_text: GenerateTextUseCase, service: ModelService, repository: FakeModelRepository
+    ) -> None:
+        load(service)
+        guided = GuidedDecoding("regex", "yes|no", "guided_regex")
+
+        asyncio.run(generate_text(GenerateText("Spam?", logprobs=3, priority="interactive", guided=guided)))
+
+        _, _, params = repository.generations[-1]
+        assert (params.logprobs, params.priority, params.guided) == (3, -10, guided)
+
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"logprobs": 21}, "top_logprobs: must be between 0 and 20, got 21"),
+            ({"priority": "urgent"}, "priority: must be one of ['batch', 'interactive', 'normal'] or an integer"),
+            ({"priority": 101}, "priority: must be one of ['batch', 'interactive', 'normal'] or an integer"),
+            ({"guided": GuidedDecoding("regex", "a", "guided_regex"), "ignore_eos": True}, "ignore_eos: cannot be true"),
+            ({"guided": GuidedDecoding("regex", "a", "guided_regex"), "min_tokens": 2}, "min_tokens: must be 0"),
+            ({"guided": GuidedDecoding("grammar", "a", "guided_grammar")}, "guided_grammar: must be one of"),
+        ],
+    )
+    def test_bad_verdict_params_are_refused_naming_the_field(
+        self, generate_text: GenerateTextUseCase, options, message
+    ) -> None:
+        with pytest.raises(InvalidRequestError, match=re.escape(message)):
+            asyncio.run(generate_text(GenerateText("Spam?", **options)))

@@ -36,13 +36,13 @@ from domain import (
 from metrics import GENERATION_SECONDS, LOADED_MODELS
 
 from .core.detokenizer import IncrementalDecoder
+from .core.label_scoring import LabelScoring, ScoringRequest
 from .core.loop_bridge import EventStream, off_loop
 from .core.scheduler import QueueFull
 from .core.sequence import (
     FinishEvent,
     FinishReason,
     SamplingRequest,
-    ScoredPosition,
     ScoreEvent,
     Sequence,
     TokenEvent,
@@ -148,51 +148,21 @@ class TransformersModelRepository(ModelRepository):
         yield replace(generation, logprobs=tuple(logprobs)) if params.logprobs is not None else generation
 
     async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
-        """Scores each label's tokens after the prompt: one scoring request reads every label's first
-        token off the prompt's last logits; then, for labels of more tokens, one request per label
-        scores the rest, its prompt's first part coming from the prefix cache that the first one filled."""
+        """Scores each label's tokens after the prompt (core/label_scoring.py): one scoring request
+        reads every label's first token off the prompt's last logits; then labels of more tokens are
+        scored by requests whose prompt's first part comes from the prefix cache the first one filled."""
         loaded = self._serving(model_id, params.priority)
         started = time.perf_counter()
         prompt_ids, labels = await off_loop(
             self._executor, lambda: (loaded.encode(prompt), loaded.encode_labels(params.labels, params.field))
         )
-        longest = max(len(tokens) for tokens in labels)
-        loaded.check_fits(len(prompt_ids) + longest - 1, 0)
+        scoring = LabelScoring(prompt_ids, labels)
+        loaded.check_fits(scoring.longest_prompt, 0)
         deadline = time.monotonic() + params.timeout_s
-        last = len(prompt_ids) - 1
-        firsts = tuple(sorted({tokens[0] for tokens in labels}))
-        # A multi-token label's prompt for the second phase: the prompt and its tokens but the last, which
-        # labels with the same such tokens share; the scores read there: each of them past the first, then
-        # every last token that follows them.
-        lasts_after: dict[tuple[int, ...], set[int]] = {}
-        for tokens in labels:
-            if len(tokens) > 1:
-                lasts_after.setdefault(tuple(tokens[:-1]), set()).add(tokens[-1])
-        heads = list(lasts_after)
         with self._in_use(loaded):
-            (first_logprobs,), finish = await self._score(loaded, prompt_ids, ((last, firsts),), deadline, params)
-            rest_scores = await asyncio.gather(
-                *(
-                    self._score(
-                        loaded,
-                        prompt_ids + list(head),
-                        (*((last + j, (head[j],)) for j in range(1, len(head))), (last + len(head), tuple(sorted(lasts_after[head])))),
-                        deadline,
-                        params,
-                    )
-                    for head in heads
-                )
-            )
-        first_logprob = dict(zip(firsts, first_logprobs))
-        scores_after = {head: scores for head, (scores, _) in zip(heads, rest_scores)}
-        totals = []
-        for tokens in labels:
-            total = first_logprob[tokens[0]]
-            if len(tokens) > 1:
-                *middle, final = scores_after[tuple(tokens[:-1])]
-                total += sum(logprobs[0] for logprobs in middle)
-                total += final[sorted(lasts_after[tuple(tokens[:-1])]).index(tokens[-1])]
-            totals.append(total)
+            first, finish = await self._score(loaded, scoring.first, deadline, params)
+            rest = await asyncio.gather(*(self._score(loaded, request, deadline, params) for request in scoring.rest))
+        totals = scoring.totals(first, [scores for scores, _ in rest])
         weights = [math.exp(total - max(totals)) for total in totals]
         probabilities = [weight / sum(weights) for weight in weights]
         best = max(range(len(labels)), key=lambda index: totals[index])
@@ -206,16 +176,12 @@ class TransformersModelRepository(ModelRepository):
         )
 
     async def _score(
-        self,
-        loaded: LoadedModel,
-        prompt_ids: list[int],
-        scored: tuple[tuple[int, tuple[int, ...]], ...],
-        deadline: float,
-        params: ClassifyParams,
+        self, loaded: LoadedModel, scoring: ScoringRequest, deadline: float, params: ClassifyParams
     ) -> tuple[tuple[tuple[float, ...], ...], FinishEvent]:
-        """The log probabilities a scoring request reads at each (position, tokens) of `scored`."""
-        positions = tuple(ScoredPosition(position, tokens) for position, tokens in scored)
-        request = SamplingRequest(prompt_ids, 0, 0.0, deadline, priority=params.priority, scored=positions)
+        """The log probabilities the scoring request reads at each of its scored positions."""
+        request = SamplingRequest(
+            scoring.prompt_ids, 0, 0.0, deadline, priority=params.priority, scored=scoring.scored
+        )
         events = EventStream()
         sequence = self._submit(loaded, request, events)
         scores, finish = None, None

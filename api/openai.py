@@ -11,7 +11,7 @@ import abc
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from domain import CompletePrompt, GenerateTextUseCase, Generation, ModelService
+from domain import GenerateTextUseCase, Generation, ModelService, TokenLogprob
 from domain.services import SERVICE_NAME
 
 from .errors import error_body, openai_error_body, openai_error_response
@@ -32,8 +32,10 @@ from .openai_schemas import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
@@ -45,8 +47,9 @@ from .validation import InvalidBody, describe_problems, field_name, parse_json_o
 GENERATION_PATHS = ("/chat/completions", "/completions")
 # What each event's data holds when `stream` is true, as /docs.json says.
 STREAM_EVENTS = (
-    "JSON: a chunk (`chat.completion.chunk` or `text_completion`) per piece of text, the last one with its "
-    "finish_reason, then with stream_options.include_usage one with the usage and no choices; or "
+    "JSON: a chunk (`chat.completion.chunk` or `text_completion`) per piece of text, with the logprobs of the "
+    "tokens that made it when asked, the last one with its finish_reason, then with stream_options.include_usage "
+    "one with the usage and no choices; or "
     '{"error": {"message", "type", "param", "code"}} when generation fails after the first piece; then [DONE]'
 )
 T = TypeVar("T")
@@ -59,16 +62,22 @@ class Backend(Protocol):
     models: ModelService
 
 
-def _failure(body: dict[str, str]) -> tuple[str, str, str | None]:
-    """The message, error type and OpenAI `param` of a failure's error body."""
-    return body["error"], body["error_type"], "model" if body["error_type"] == "model_not_found" else None
+def _failure(body: dict[str, str], fields: Collection[str] = ()) -> tuple[str, str, str | None]:
+    """The message, error type and OpenAI `param` of a failure's error body: the model for an unknown
+    model; for a refused request, the field its message starts with, when the request has that field
+    (the engine names the field that asked for a grammar it cannot compile)."""
+    message, error_type = body["error"], body["error_type"]
+    if error_type == "model_not_found":
+        return message, error_type, "model"
+    named = message.partition(": ")[0]
+    return message, error_type, named if error_type == "validation_error" and named.split(".")[0] in fields else None
 
 
-async def _or_error(operation: Awaitable[T]) -> T | JSONResponse:
+async def _or_error(operation: Awaitable[T], fields: Collection[str] = ()) -> T | JSONResponse:
     try:
         return await operation
     except Exception as error:  # noqa: BLE001: every failure becomes an error body, never a bare 500
-        return openai_error_response(*_failure(error_body(error)))
+        return openai_error_response(*_failure(error_body(error), fields))
 
 
 @dataclass
@@ -77,6 +86,7 @@ class AnswerFormat(abc.ABC):
 
     model: str
     include_usage: bool = False
+    with_logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = field(init=False)
     id_prefix: ClassVar[str]
@@ -101,7 +111,13 @@ class AnswerFormat(abc.ABC):
 
     @abc.abstractmethod
     def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        """The one choice of a chunk: a piece of text, or (text None) the finish reason."""
+        """The one choice of a chunk: a piece of text (with its tokens' logprobs when asked), or (text
+        None) the finish reason."""
+
+    def _logprobs_of(self, text: str) -> tuple[TokenLogprob, ...] | None:
+        """The logprobs of the tokens that made a piece of text (a TextDelta; a plain str has none),
+        when the request asked for them."""
+        return getattr(text, "logprobs", ()) if self.with_logprobs else None
 
     def chunks(self, item: Item) -> list[dict[str, Any]]:
         if not isinstance(item, Generation):
@@ -128,7 +144,9 @@ class ChatFormat(AnswerFormat):
     _opened: bool = field(default=False, init=False)
 
     def _whole_choice(self, generation: Generation) -> ChatChoice:
-        return ChatChoice(message=AssistantMessage(content=generation.text), finish_reason=generation.finish_reason)
+        logprobs = None if generation.logprobs is None else ChatLogprobs.of(generation.logprobs)
+        message = AssistantMessage(content=generation.text)
+        return ChatChoice(message=message, logprobs=logprobs, finish_reason=generation.finish_reason)
 
     def chunks(self, item: Item) -> list[dict[str, Any]]:
         if self._opened:
@@ -138,8 +156,11 @@ class ChatFormat(AnswerFormat):
         return [self._chunk([opening]), *super().chunks(item)]
 
     def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        delta = {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if text is None:
+            return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+        tokens = self._logprobs_of(text)
+        logprobs = None if tokens is None else ChatLogprobs.of(tokens).model_dump()
+        return {"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
 
 
 @dataclass
@@ -147,27 +168,40 @@ class TextFormat(AnswerFormat):
     id_prefix: ClassVar[str] = "cmpl"
     chunk_object: ClassVar[str] = "text_completion"
     answer: ClassVar[type[Completion]] = Completion
+    _sent_chars: int = field(default=0, init=False)  # where the next chunk's text starts in the whole text
 
     def _whole_choice(self, generation: Generation) -> CompletionChoice:
-        return CompletionChoice(text=generation.text, finish_reason=generation.finish_reason)
+        text = generation.text
+        logprobs = None if generation.logprobs is None else CompletionLogprobs.of(generation.logprobs, 0, len(text))
+        return CompletionChoice(text=text, logprobs=logprobs, finish_reason=generation.finish_reason)
 
     def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        if text is None:
+            return {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
+        tokens = self._logprobs_of(text)
+        start, self._sent_chars = self._sent_chars, self._sent_chars + len(text)
+        logprobs = None if tokens is None else CompletionLogprobs.of(tokens, start, self._sent_chars).model_dump()
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}
 
 
-async def _answer(request: Request, service: Backend, command: CompletePrompt, stream: bool, form: AnswerFormat) -> Any:
+async def _answer(
+    request: Request, service: Backend, body: ChatCompletionRequest | CompletionRequest, shape: type[AnswerFormat]
+) -> Any:
     """The whole answer, or a stream of chunks ending with `data: [DONE]`; a failure before the first
     piece of text answers with its status, one after it ends the stream with an error event."""
-    if not stream:
-        generation = await _or_error(cancel_on_disconnect(request, service.generate_text(command)))
+    command = body.to_command()
+    form = shape(body.model, body.include_usage, with_logprobs=command.logprobs is not None)
+    fields = type(body).model_fields.keys()
+    if not body.stream:
+        generation = await _or_error(cancel_on_disconnect(request, service.generate_text(command)), fields)
         return generation if isinstance(generation, Response) else form.whole(generation)
     items = aiter(service.generate_text.stream(command))
     # Until the first piece the response has not started, so a client leaving is watched here;
     # after it, the streaming response stops when the client leaves.
-    first = await _or_error(cancel_on_disconnect(request, anext(items)))
+    first = await _or_error(cancel_on_disconnect(request, anext(items)), fields)
     if isinstance(first, Response):
         return first
-    events = event_stream(first, items, form.chunks, lambda body: openai_error_body(*_failure(body)), last="[DONE]")
+    events = event_stream(first, items, form.chunks, lambda error: openai_error_body(*_failure(error)), last="[DONE]")
     return StreamingResponse(events, media_type="text/event-stream")
 
 
@@ -263,13 +297,11 @@ def build_openai_app(backend: Callable[[], Backend], max_body_bytes: int) -> Fas
     @app.post("/chat/completions", response_model=ChatCompletion)
     async def chat_completions(body: ChatCompletionRequest, request: Request, service: Backend = current) -> Any:
         """Chat messages through the model's chat template; `stream` for server-sent chunks."""
-        form = ChatFormat(body.model, body.include_usage)
-        return await _answer(request, service, body.to_command(), body.stream, form)
+        return await _answer(request, service, body, ChatFormat)
 
     @app.post("/completions", response_model=Completion)
     async def completions(body: CompletionRequest, request: Request, service: Backend = current) -> Any:
         """Raw text that the model continues, without the chat template; `stream` for server-sent chunks."""
-        form = TextFormat(body.model, body.include_usage)
-        return await _answer(request, service, body.to_command(), body.stream, form)
+        return await _answer(request, service, body, TextFormat)
 
     return app

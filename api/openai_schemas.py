@@ -2,13 +2,16 @@
 
 Unknown fields are refused (422, naming the field), as OpenAI itself refuses unrecognized arguments.
 OpenAI parameters this service does not implement are accepted only at their neutral value
-(`frequency_penalty: 0`, `logprobs: false`, ...), so a client that always sends them still works,
-and one that asks for their effect learns that it is not there. `user` is accepted and unused.
+(`frequency_penalty: 0`, `n: 1`, ...), so a client that always sends them still works, and one
+that asks for their effect learns that it is not there. `user` is accepted and unused. vLLM's extra
+fields (`min_tokens`, `ignore_eos`, `priority`, `guided_json`, `guided_regex`, `guided_choice`) are
+accepted with vLLM's meaning, as its OpenAI client sends them in `extra_body`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -27,14 +30,40 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
-from domain import ChatMessage, CompletePrompt, Generation, Model, Prompt
-from domain.generation import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_SEED
+from domain import ChatMessage, CompletePrompt, Generation, GuidedDecoding, Model, Prompt, TokenLogprob
+from domain.generation import (
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
+    MAX_PRIORITY,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MAX_TOP_LOGPROBS,
+    MIN_PRIORITY,
+    MIN_SEED,
+    PRIORITY_NAMES,
+)
 
 from .errors import STATUS_BY_ERROR_TYPE
 from .schemas import IGNORE_EOS_DESCRIPTION, MAX_LENGTH_LIMIT, MIN_TOKENS_DESCRIPTION, no_nul
 
 # OpenAI's "developer" role is the newer name of "system"; chat templates know only the latter.
 TEMPLATE_ROLE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# The engine compiles a grammar from each schema or regex before generating: bound what it compiles.
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_REGEX_CHARS = 4096
+# OpenAI's stand-in for a token with no chance at all (a grammar masked it): -inf is not JSON.
+NO_CHANCE_LOGPROB = -9999.0
+LOGPROBS_MEANING = (
+    "log probabilities of the distribution each token was chosen from: the logits after the grammar's mask, "
+    "divided by the temperature (as at 1 when temperature is 0), before top_p (vLLM's processed logprobs)"
+)
+PRIORITY_DESCRIPTION = (
+    f"scheduling order when the engine is busy, lower first: an integer from {MIN_PRIORITY} to {MAX_PRIORITY} or "
+    + ", ".join(f"{name!r} ({value})" for name, value in PRIORITY_NAMES.items())
+    + "; default 'normal'"
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +117,38 @@ def _single_prompt(prompt: Any) -> Any:
     )
 
 
+def _priority(value: Any) -> Any:
+    named = isinstance(value, str) and value in PRIORITY_NAMES
+    ranked = isinstance(value, int) and not isinstance(value, bool) and MIN_PRIORITY <= value <= MAX_PRIORITY
+    if value is None or named or ranked:
+        return value
+    raise ValueError(
+        f"must be one of {sorted(PRIORITY_NAMES)} or an integer from {MIN_PRIORITY} to {MAX_PRIORITY}, got {value!r}"
+    )
+
+
+def _schema_text(schema: Any) -> Any:
+    """A JSON schema as compact JSON text. Its keys keep the caller's order: the grammar generates an
+    object's properties in the order the schema lists them."""
+    if not isinstance(schema, dict):
+        raise ValueError(f"must be a JSON object (a JSON schema), got {type(schema).__name__}")
+    text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    size = len(text.encode())
+    if size > MAX_SCHEMA_BYTES:
+        raise ValueError(f"must be at most {MAX_SCHEMA_BYTES} bytes as JSON text, got {size}")
+    return text
+
+
+def _parsed_json_text(value: Any) -> Any:
+    """vLLM's guided_json takes the schema or its JSON text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"must be a JSON schema or its JSON text, got text that is not JSON ({error})") from None
+
+
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 STOP_STRING_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
 StopStrings = Annotated[
@@ -128,6 +189,28 @@ PromptText = Annotated[
     ),
 ]
 MaxTokens = Annotated[int | None, Field(strict=True, ge=1, le=MAX_LENGTH_LIMIT)]
+Priority = Annotated[
+    int | str | None,
+    BeforeValidator(_priority),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY},
+                {"enum": sorted(PRIORITY_NAMES)},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
+SCHEMA_SIZE = f"at most {MAX_SCHEMA_BYTES} bytes as JSON text"
+SchemaText = Annotated[str, BeforeValidator(_schema_text), WithJsonSchema({"type": "object"})]
+GuidedJson = Annotated[
+    str,
+    BeforeValidator(_schema_text),
+    BeforeValidator(_parsed_json_text),  # runs first
+    WithJsonSchema({"anyOf": [{"type": "object"}, {"type": "string"}]}),
+]
+GuidedChoice = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
 
 
 class Body(BaseModel):
@@ -136,6 +219,51 @@ class Body(BaseModel):
 
 class StreamOptions(Body):
     include_usage: bool = Field(False, strict=True, description="a last chunk, with no choices, carries the usage")
+
+
+class JsonSchemaFormat(Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$", description="names the schema; unused")
+    schema_: SchemaText = Field(alias="schema", description=f"the JSON schema the answer follows; {SCHEMA_SIZE}")
+    strict: bool | None = Field(None, strict=True, description="accepted; the schema is always enforced")
+    description: str | None = Field(None, max_length=1024, description="accepted for compatibility; unused")
+
+
+class ResponseFormat(Body):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {"required": ["json_schema"], "properties": {"json_schema": {"not": {"type": "null"}}}},
+            "else": {"properties": {"json_schema": {"type": "null"}}},
+        }
+    )
+
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text: any text; json_object: a JSON object; json_schema: JSON that follows json_schema.schema"
+    )
+    json_schema: JsonSchemaFormat | None = Field(None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_with_its_type(
+        cls, json_schema: JsonSchemaFormat | None, info: ValidationInfo
+    ) -> JsonSchemaFormat | None:
+        kind = info.data.get("type")
+        if kind == "json_schema" and json_schema is None:
+            raise ValueError("required when type is 'json_schema'")
+        if kind != "json_schema" and json_schema is not None:
+            raise ValueError(f"only allowed when type is 'json_schema', got type {kind!r}")
+        return json_schema
+
+    def guided(self) -> GuidedDecoding | None:
+        if self.type == "json_object":
+            return GuidedDecoding("json_object", "", "response_format")
+        if self.type == "json_schema":
+            return GuidedDecoding("json_schema", self.json_schema.schema_, "response_format.json_schema.schema")
+        return None
+
+
+# The ways to ask for structured output, of which a request may use one.
+GUIDED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
 
 
 class GenerationRequest(Body):
@@ -160,9 +288,20 @@ class GenerationRequest(Body):
     frequency_penalty: Annotated[float | None, Field(strict=True), Only(0, "penalties are not implemented")] = None
     presence_penalty: Annotated[float | None, Field(strict=True), Only(0, "penalties are not implemented")] = None
     logit_bias: Annotated[dict[str, float] | None, Only({}, "logit bias is not implemented")] = None
+    response_format: ResponseFormat | None = Field(
+        None, description="structured output: a JSON object, or JSON that follows a schema; default text"
+    )
     # vLLM's extra parameters, as its OpenAI client sends them in extra_body.
     min_tokens: int | None = Field(None, strict=True, ge=0, le=MAX_LENGTH_LIMIT, description=MIN_TOKENS_DESCRIPTION)
     ignore_eos: bool = Field(False, strict=True, description=IGNORE_EOS_DESCRIPTION)
+    priority: Priority = Field(None, description=PRIORITY_DESCRIPTION)
+    guided_json: GuidedJson | None = Field(None, description=f"JSON that follows this JSON schema; {SCHEMA_SIZE}")
+    guided_regex: str | None = Field(
+        None, min_length=1, max_length=MAX_REGEX_CHARS, description="text that this regular expression matches whole"
+    )
+    guided_choice: Annotated[list[GuidedChoice], Field(min_length=1, max_length=MAX_LABELS)] | None = Field(
+        None, description="exactly one of these strings"
+    )
 
     @field_validator("stream_options")
     @classmethod
@@ -171,11 +310,32 @@ class GenerationRequest(Body):
             raise ValueError("only allowed when stream is true")
         return options
 
+    @field_validator(*GUIDED_FIELDS[1:])
+    @classmethod
+    def _one_grammar(cls, value: Any, info: ValidationInfo) -> Any:
+        earlier = GUIDED_FIELDS[: GUIDED_FIELDS.index(info.field_name)]
+        given = [name for name in earlier if info.data.get(name) not in (None, ResponseFormat(type="text"))]
+        if value is not None and given:
+            raise ValueError(
+                f"give at most one of response_format (json_object or json_schema), guided_json, guided_regex and "
+                f"guided_choice; got {given[0]} too"
+            )
+        return value
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def command(self, prompt: Prompt, max_tokens: int | None) -> CompletePrompt:
+    def guided(self) -> GuidedDecoding | None:
+        if self.guided_json is not None:
+            return GuidedDecoding("json_schema", self.guided_json, "guided_json")
+        if self.guided_regex is not None:
+            return GuidedDecoding("regex", self.guided_regex, "guided_regex")
+        if self.guided_choice is not None:
+            return GuidedDecoding("choice", json.dumps(self.guided_choice), "guided_choice")
+        return self.response_format and self.response_format.guided()
+
+    def command(self, prompt: Prompt, max_tokens: int | None, logprobs: int | None) -> CompletePrompt:
         return CompletePrompt(
             prompt=prompt,
             model_id=self.model,
@@ -186,6 +346,9 @@ class GenerationRequest(Body):
             seed=self.seed,
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            priority=self.priority,
+            guided=self.guided(),
         )
 
 
@@ -198,7 +361,17 @@ class ChatMessageIn(Body):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: MaxTokens = Field(None, description="the newer name of max_tokens")
-    logprobs: Annotated[bool | None, Field(strict=True), Only(False, "log probabilities are not returned")] = None
+    logprobs: bool | None = Field(None, strict=True, description=f"each answer token's logprob: {LOGPROBS_MEANING}")
+    top_logprobs: int | None = Field(
+        None, strict=True, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the likeliest tokens at each position"
+    )
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs is not None and not info.data.get("logprobs"):
+            raise ValueError(f"only allowed when logprobs is true, got {top_logprobs}")
+        return top_logprobs
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -214,7 +387,7 @@ class ChatCompletionRequest(GenerationRequest):
     def to_command(self) -> CompletePrompt:
         messages = tuple(ChatMessage(TEMPLATE_ROLE[message.role], message.content) for message in self.messages)
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.command(Prompt(messages), max_tokens)
+        return self.command(Prompt(messages), max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
 class CompletionRequest(GenerationRequest):
@@ -222,10 +395,17 @@ class CompletionRequest(GenerationRequest):
     echo: Annotated[bool | None, Field(strict=True), Only(False, "the prompt is not repeated")] = None
     best_of: Annotated[int | None, Field(strict=True), Only(1, "one candidate per request")] = None
     suffix: Annotated[str | None, Only(None, "insertion is not implemented")] = None
-    logprobs: Annotated[int | None, Field(strict=True), Only(0, "log probabilities are not returned")] = None
+    logprobs: int | None = Field(
+        None,
+        strict=True,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description=f"each token's logprob and this many likeliest tokens at its position (up to "
+        f"{MAX_TOP_LOGPROBS}, as vLLM and chat's top_logprobs allow; OpenAI's legacy bound is 5): {LOGPROBS_MEANING}",
+    )
 
     def to_command(self) -> CompletePrompt:
-        return self.command(Prompt.raw(self.prompt), self.max_tokens)
+        return self.command(Prompt.raw(self.prompt), self.max_tokens, self.logprobs)
 
 
 # Responses.
@@ -251,6 +431,66 @@ class Usage(BaseModel):
         )
 
 
+def _chance(logprob: float) -> float:
+    return max(logprob, NO_CHANCE_LOGPROB)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="the token's UTF-8 bytes: a token may hold part of a character")
+
+    @classmethod
+    def of(cls, token: TokenLogprob) -> TopLogprob:
+        return cls(token=token.token, logprob=_chance(token.logprob), bytes=list(token.bytes))
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="the likeliest tokens at this position, likeliest first")
+
+    @classmethod
+    def of(cls, token: TokenLogprob) -> ChatTokenLogprob:
+        return cls(**TopLogprob.of(token).model_dump(), top_logprobs=[TopLogprob.of(top) for top in token.top])
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+    @classmethod
+    def of(cls, tokens: Sequence[TokenLogprob]) -> ChatLogprobs:
+        return cls(content=[ChatTokenLogprob.of(token) for token in tokens])
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one list per property, a token's entries at the same index."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] = Field(
+        description="per token: the likeliest tokens and the chosen one, by their text"
+    )
+    text_offset: list[int] = Field(description="where each token's text starts in the completion's text")
+
+    @classmethod
+    def of(cls, tokens: Sequence[TokenLogprob], start: int, end: int) -> CompletionLogprobs:
+        """`start` and `end` bound the text these tokens made; a token that holds part of a character
+        has text of its own that the answer's text does not, so an offset never passes `end`."""
+        offsets, offset = [], start
+        for token in tokens:
+            offsets.append(min(offset, end))
+            offset += len(token.token)
+        return cls(
+            tokens=[token.token for token in tokens],
+            token_logprobs=[_chance(token.logprob) for token in tokens],
+            top_logprobs=[
+                {**{top.token: _chance(top.logprob) for top in token.top}, token.token: _chance(token.logprob)}
+                for token in tokens
+            ],
+            text_offset=offsets,
+        )
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -259,7 +499,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -281,7 +521,7 @@ class ChatCompletion(Answer):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 

@@ -23,8 +23,8 @@ from typing import Any
 from .generation import Generation, GenerationParams, Prompt
 
 KEY_PREFIX = "ai-model:response:v1:"
-# Parameters that bound how long a generation may take but not what it says.
-PARAMS_NOT_IN_KEY = frozenset({"timeout_s"})
+# Parameters that bound how long a generation may take, or when it runs, but not what it says.
+PARAMS_NOT_IN_KEY = frozenset({"timeout_s", "priority"})
 
 
 def _default_of(parameter: Field) -> Any:
@@ -34,8 +34,9 @@ def _default_of(parameter: Field) -> Any:
 
 
 def response_key(model_id: str, prompt: Prompt, params: GenerationParams) -> str:
+    values = params.to_dict()  # JSON's types: a grammar's GuidedDecoding as a dict
     deciding = {
-        parameter.name: getattr(params, parameter.name)
+        parameter.name: values[parameter.name]
         for parameter in fields(params)
         if parameter.name not in PARAMS_NOT_IN_KEY and getattr(params, parameter.name) != _default_of(parameter)
     }

@@ -276,6 +276,8 @@ class Scheduler:
             sequence.first_token_at = now
             self._metrics.time_to_first_token.observe(now - sequence.submitted_at)
         if token_id in self._eos and not sequence.request.ignore_eos:
+            if logprobs is not None:  # its caller asked for every token's log probability, the last one's too
+                sequence.sink(TokenEvent(token_id, logprobs))
             self._retire(sequence, FinishReason.STOP)
             return
         sequence.sink(TokenEvent(token_id, logprobs))

@@ -19,6 +19,7 @@ from domain import (
     GenerationError,
     GenerationLimits,
     GenerationParams,
+    GuidedDecoding,
     LoadModel,
     LruResponseCache,
     ModelService,
@@ -152,8 +153,10 @@ class TestResponseKey:
             (DEFAULT_MODEL_ID, Prompt(PROMPT.messages[1:]), GREEDY),
             (DEFAULT_MODEL_ID, PROMPT, dataclasses.replace(GREEDY, max_new_tokens=11)),
             (DEFAULT_MODEL_ID, PROMPT, dataclasses.replace(GREEDY, temperature=0.5)),
+            (DEFAULT_MODEL_ID, PROMPT, dataclasses.replace(GREEDY, logprobs=2)),
+            (DEFAULT_MODEL_ID, PROMPT, dataclasses.replace(GREEDY, guided=GuidedDecoding("regex", "yes|no", "guided_regex"))),
         ],
-        ids=["model", "system prompt", "query", "no system prompt", "max_new_tokens", "temperature"],
+        ids=["model", "system prompt", "query", "no system prompt", "max_new_tokens", "temperature", "logprobs", "grammar"],
     )
     def test_changes_with_everything_that_decides_the_text(self, model_id, prompt, params) -> None:
         assert response_key(model_id, prompt, params) != response_key(DEFAULT_MODEL_ID, PROMPT, GREEDY)
@@ -165,10 +168,18 @@ class TestResponseKey:
         assert response_key(DEFAULT_MODEL_ID, once, GREEDY) == response_key(DEFAULT_MODEL_ID, Prompt.raw("Once upon a time"), GREEDY)
         assert response_key(DEFAULT_MODEL_ID, Prompt.raw(""), GREEDY) != response_key(DEFAULT_MODEL_ID, Prompt(()), GREEDY)
 
-    def test_ignores_the_timeout_which_bounds_the_time_and_not_the_text(self) -> None:
+    def test_ignores_the_timeout_and_the_priority_which_decide_when_and_not_what(self) -> None:
         shorter = dataclasses.replace(GREEDY, timeout_s=1.5)
+        urgent = dataclasses.replace(GREEDY, priority=-10)
 
         assert response_key(DEFAULT_MODEL_ID, PROMPT, shorter) == response_key(DEFAULT_MODEL_ID, PROMPT, GREEDY)
+        assert response_key(DEFAULT_MODEL_ID, PROMPT, urgent) == response_key(DEFAULT_MODEL_ID, PROMPT, GREEDY)
+
+    def test_grammars_key_on_what_they_allow(self) -> None:
+        def key(guided: GuidedDecoding) -> str:
+            return response_key(DEFAULT_MODEL_ID, PROMPT, dataclasses.replace(GREEDY, guided=guided))
+
+        assert key(GuidedDecoding("regex", "yes|no", "guided_regex")) != key(GuidedDecoding("regex", "yes", "guided_regex"))
 
     def test_a_parameter_added_to_the_generation_parameters_joins_the_key_unless_left_at_its_default(self) -> None:
         @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from engine.core.sequence import (
     ScoredPosition,
     ScoreEvent,
     Sequence,
+    TokenLogprobs,
 )
 from metrics import SchedulerMetrics
 from tests.unit.fakes import EOS, RecordingCaller, ScriptedRunner
@@ -371,3 +372,19 @@ def test_a_row_the_runner_fails_ends_alone_with_an_error():
 
     assert refused.finish == FinishEvent(FinishReason.ERROR, 5, 0, 0, "the grammar refused token 1")
     assert other.finish.reason is FinishReason.LENGTH and other.tokens == [ScriptedRunner.FILLER]
+
+
+def test_an_end_of_sequence_token_is_sent_with_its_logprobs_to_a_request_that_asked_for_them():
+    class Scoring(ScriptedRunner):
+        def execute(self, step: ScheduledStep) -> StepOutput:
+            output = super().execute(step)
+            return replace(output, logprobs=[TokenLogprobs(-0.5) for _ in step.sampled])
+
+    into = scheduler()
+    caller = RecordingCaller()
+    request = SamplingRequest(prompt_of(5), 10, 0.0, FAR, logprobs=0)
+    into.add(Sequence(request, caller.sink, block_hashes(prompt_of(5))))
+
+    run_until_idle(into, Scoring({tuple(prompt_of(5)): [5, EOS]}))
+
+    assert caller.tokens == [5, EOS] and caller.finish == FinishEvent(FinishReason.STOP, 5, 2, 0)

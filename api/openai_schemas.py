@@ -34,19 +34,16 @@ from domain import ChatMessage, CompletePrompt, Generation, GuidedDecoding, Mode
 from domain.generation import (
     MAX_LABEL_CHARS,
     MAX_LABELS,
-    MAX_PRIORITY,
     MAX_SEED,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     MAX_TOP_LOGPROBS,
-    MIN_PRIORITY,
     MIN_SEED,
-    PRIORITY_NAMES,
 )
 
 from .errors import STATUS_BY_ERROR_TYPE
-from .schemas import IGNORE_EOS_DESCRIPTION, MAX_LENGTH_LIMIT, MIN_TOKENS_DESCRIPTION, no_nul
+from .schemas import IGNORE_EOS_DESCRIPTION, MAX_LENGTH_LIMIT, MIN_TOKENS_DESCRIPTION, Priority, no_nul
 
 # OpenAI's "developer" role is the newer name of "system"; chat templates know only the latter.
 TEMPLATE_ROLE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -58,11 +55,6 @@ NO_CHANCE_LOGPROB = -9999.0
 LOGPROBS_MEANING = (
     "log probabilities of the distribution each token was chosen from: the logits after the grammar's mask, "
     "divided by the temperature (as at 1 when temperature is 0), before top_p (vLLM's processed logprobs)"
-)
-PRIORITY_DESCRIPTION = (
-    f"scheduling order when the engine is busy, lower first: an integer from {MIN_PRIORITY} to {MAX_PRIORITY} or "
-    + ", ".join(f"{name!r} ({value})" for name, value in PRIORITY_NAMES.items())
-    + "; default 'normal'"
 )
 
 
@@ -114,16 +106,6 @@ def _single_prompt(prompt: Any) -> Any:
         return prompt[0]
     raise ValueError(
         f"must be a string or a list of one string (one prompt per request), got a list of {len(prompt)} items"
-    )
-
-
-def _priority(value: Any) -> Any:
-    named = isinstance(value, str) and value in PRIORITY_NAMES
-    ranked = isinstance(value, int) and not isinstance(value, bool) and MIN_PRIORITY <= value <= MAX_PRIORITY
-    if value is None or named or ranked:
-        return value
-    raise ValueError(
-        f"must be one of {sorted(PRIORITY_NAMES)} or an integer from {MIN_PRIORITY} to {MAX_PRIORITY}, got {value!r}"
     )
 
 
@@ -189,19 +171,6 @@ PromptText = Annotated[
     ),
 ]
 MaxTokens = Annotated[int | None, Field(strict=True, ge=1, le=MAX_LENGTH_LIMIT)]
-Priority = Annotated[
-    int | str | None,
-    BeforeValidator(_priority),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY},
-                {"enum": sorted(PRIORITY_NAMES)},
-                {"type": "null"},
-            ]
-        }
-    ),
-]
 SCHEMA_SIZE = f"at most {MAX_SCHEMA_BYTES} bytes as JSON text"
 SchemaText = Annotated[str, BeforeValidator(_schema_text), WithJsonSchema({"type": "object"})]
 GuidedJson = Annotated[
@@ -294,7 +263,7 @@ class GenerationRequest(Body):
     # vLLM's extra parameters, as its OpenAI client sends them in extra_body.
     min_tokens: int | None = Field(None, strict=True, ge=0, le=MAX_LENGTH_LIMIT, description=MIN_TOKENS_DESCRIPTION)
     ignore_eos: bool = Field(False, strict=True, description=IGNORE_EOS_DESCRIPTION)
-    priority: Priority = Field(None, description=PRIORITY_DESCRIPTION)
+    priority: Priority = None
     guided_json: GuidedJson | None = Field(None, description=f"JSON that follows this JSON schema; {SCHEMA_SIZE}")
     guided_regex: str | None = Field(
         None, min_length=1, max_length=MAX_REGEX_CHARS, description="text that this regular expression matches whole"

@@ -27,20 +27,19 @@ from domain import GenerateTextUseCase, Generation, ModelService, TokenLogprob
 from domain.services import SERVICE_NAME
 
 from .errors import error_body, openai_error_body, openai_error_response
-from .openai_schemas import (
+from .openai_answers import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
-    ChatCompletionRequest,
     ChatLogprobs,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     ModelCard,
     ModelList,
     Usage,
 )
+from .openai_schemas import ChatCompletionRequest, CompletionRequest
 from .streaming import Item, cancel_on_disconnect, event_stream
 from .validation import InvalidBody, describe_problems, field_name, parse_json_object, read_body, replay, with_json_body
 

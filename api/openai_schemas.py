@@ -1,4 +1,4 @@
-"""Request and response bodies of the OpenAI-compatible API (/v1), in OpenAI's shapes.
+"""Request bodies of the OpenAI-compatible API (/v1), in OpenAI's shapes (its answers: openai_answers.py).
 
 Unknown fields are refused (422, naming the field), as OpenAI itself refuses unrecognized arguments.
 OpenAI parameters this service does not implement are accepted only at their neutral value
@@ -11,7 +11,6 @@ accepted with vLLM's meaning, as its OpenAI client sends them in `extra_body`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -30,7 +29,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
-from domain import ChatMessage, CompletePrompt, Generation, GuidedDecoding, Model, Prompt, TokenLogprob
+from domain import ChatMessage, CompletePrompt, GuidedDecoding, Prompt
 from domain.generation import (
     MAX_LABEL_CHARS,
     MAX_LABELS,
@@ -42,7 +41,6 @@ from domain.generation import (
     MIN_SEED,
 )
 
-from .errors import STATUS_BY_ERROR_TYPE
 from .schemas import IGNORE_EOS_DESCRIPTION, MAX_LENGTH_LIMIT, MIN_TOKENS_DESCRIPTION, Priority, no_nul
 
 # OpenAI's "developer" role is the newer name of "system"; chat templates know only the latter.
@@ -50,8 +48,6 @@ TEMPLATE_ROLE = {"system": "system", "developer": "system", "user": "user", "ass
 # The engine compiles a grammar from each schema or regex before generating: bound what it compiles.
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_REGEX_CHARS = 4096
-# OpenAI's stand-in for a token with no chance at all (a grammar masked it): -inf is not JSON.
-NO_CHANCE_LOGPROB = -9999.0
 LOGPROBS_MEANING = (
     "log probabilities of the distribution each token was chosen from: the logits after the grammar's mask, "
     "divided by the temperature (as at 1 when temperature is 0), before top_p (vLLM's processed logprobs)"
@@ -375,156 +371,3 @@ class CompletionRequest(GenerationRequest):
 
     def to_command(self) -> CompletePrompt:
         return self.command(Prompt.raw(self.prompt), self.max_tokens, self.logprobs)
-
-
-# Responses.
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-    @classmethod
-    def of(cls, generation: Generation) -> Usage:
-        return cls(
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-            total_tokens=generation.prompt_tokens + generation.completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=generation.cached_prompt_tokens),
-        )
-
-
-def _chance(logprob: float) -> float:
-    return max(logprob, NO_CHANCE_LOGPROB)
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] = Field(description="the token's UTF-8 bytes: a token may hold part of a character")
-
-    @classmethod
-    def of(cls, token: TokenLogprob) -> TopLogprob:
-        return cls(token=token.token, logprob=_chance(token.logprob), bytes=list(token.bytes))
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(description="the likeliest tokens at this position, likeliest first")
-
-    @classmethod
-    def of(cls, token: TokenLogprob) -> ChatTokenLogprob:
-        return cls(**TopLogprob.of(token).model_dump(), top_logprobs=[TopLogprob.of(top) for top in token.top])
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob]
-    refusal: None = None
-
-    @classmethod
-    def of(cls, tokens: Sequence[TokenLogprob]) -> ChatLogprobs:
-        return cls(content=[ChatTokenLogprob.of(token) for token in tokens])
-
-
-class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy shape: one list per property, a token's entries at the same index."""
-
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] = Field(
-        description="per token: the likeliest tokens and the chosen one, by their text"
-    )
-    text_offset: list[int] = Field(description="where each token's text starts in the completion's text")
-
-    @classmethod
-    def of(cls, tokens: Sequence[TokenLogprob], start: int, end: int) -> CompletionLogprobs:
-        """`start` and `end` bound the text these tokens made; a token that holds part of a character
-        has text of its own that the answer's text does not, so an offset never passes `end`."""
-        offsets, offset = [], start
-        for token in tokens:
-            offsets.append(min(offset, end))
-            offset += len(token.token)
-        return cls(
-            tokens=[token.token for token in tokens],
-            token_logprobs=[_chance(token.logprob) for token in tokens],
-            top_logprobs=[
-                {**{top.token: _chance(top.logprob) for top in token.top}, token.token: _chance(token.logprob)}
-                for token in tokens
-            ],
-            text_offset=offsets,
-        )
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
-
-
-class Answer(BaseModel):
-    """What a chat and a text completion share."""
-
-    id: str
-    created: int
-    model: str
-    usage: Usage
-    system_fingerprint: None = None
-
-
-class ChatCompletion(Answer):
-    object: Literal["chat.completion"] = "chat.completion"
-    choices: list[ChatChoice]
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
-
-
-class Completion(Answer):
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-    @classmethod
-    def of(cls, model: Model, owner: str) -> ModelCard:
-        return cls(id=model.id, created=int(model.created_at.timestamp()), owned_by=owner)
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class OpenAIError(BaseModel):
-    message: str = Field(description="what was refused and why: the field, the limit and the value")
-    type: Literal["invalid_request_error", "rate_limit_error", "server_error"]
-    param: str | None = Field(description="the request field at fault, where there is one")
-    code: Literal[tuple(sorted(STATUS_BY_ERROR_TYPE))] | None = Field(  # type: ignore[valid-type]
-        description="the error_type; null only for a path or method that does not exist"
-    )
-
-
-class OpenAIErrorResponse(BaseModel):
-    """Every error on /v1, in OpenAI's shape."""
-
-    error: OpenAIError

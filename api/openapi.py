@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import STATUS_BY_ERROR_TYPE
-from .openai_schemas import OpenAIErrorResponse
+from .openai_answers import OpenAIErrorResponse
 
 DOCS_PATH = "/docs.json"
 OPENAPI_VERSION = "3.1.0"

@@ -49,8 +49,9 @@ def test_the_blocker_really_blocks() -> None:
 @pytest.mark.parametrize(
     "module",
     [
-        "domain", "api.errors", "api.schemas", "api.validation", "api.openai", "api.openai_schemas", "settings", "metrics",
-        "engine.core.sequence", "engine.core.block_manager", "engine.core.scheduler", "engine.core.engine_core",
+        "domain", "api.errors", "api.schemas", "api.validation", "api.openai", "api.openai_schemas", "api.openai_answers",
+        "api.batch", "settings", "metrics", "engine.core.sequence", "engine.core.block_manager", "engine.core.scheduler",
+        "engine.core.engine_core", "engine.core.label_scoring",
         "engine.core.loop_bridge", "adapters.engine_client", "adapters.response_cache", "adapters.drain",
     ],
 )  # fmt: skip

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from jsonschema import Draft202012Validator
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from api.errors import STATUS_BY_ERROR_TYPE, error_response, openai_error_body
 from api.openai import build_openai_app
@@ -183,6 +183,17 @@ COMPLETION = {"model": "m", "prompt": "hi"}
         (CompletionRequest, {**COMPLETION, "best_of": 3}),
         (CompletionRequest, {**COMPLETION, "logprobs": 0}),
         (CompletionRequest, {**COMPLETION, "logprobs": False}),
+        (ChatCompletionRequest, {**CHAT, "priority": "batch"}),
+        (ChatCompletionRequest, {**CHAT, "priority": "urgent"}),
+        (ChatCompletionRequest, {**CHAT, "priority": -100}),
+        (ChatCompletionRequest, {**CHAT, "priority": 101}),
+        (ChatCompletionRequest, {**CHAT, "response_format": {"type": "json_object"}}),
+        (ChatCompletionRequest, {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}}),
+        (ChatCompletionRequest, {**CHAT, "response_format": {"type": "xml"}}),
+        (ChatCompletionRequest, {**CHAT, "guided_choice": ["yes", "no"]}),
+        (ChatCompletionRequest, {**CHAT, "guided_choice": []}),
+        (CompletionRequest, {**COMPLETION, "guided_regex": "[0-9]+"}),
+        (CompletionRequest, {**COMPLETION, "logprobs": 21}),
     ],
 )
 def test_the_documented_request_schema_accepts_exactly_what_the_service_accepts(model, body):
@@ -193,3 +204,22 @@ def test_the_documented_request_schema_accepts_exactly_what_the_service_accepts(
     except ValidationError:
         accepted = False
     assert validator(spec, model.__name__).is_valid(body) == accepted
+
+
+def test_a_route_with_several_answers_documents_each():
+    class Single(BaseModel):
+        result: str
+
+    class Batch(BaseModel):
+        results: list[Single]
+
+    spec = bentoml_spec()
+    spec["paths"]["/generate"]["post"]["responses"][200]["content"] = {"application/json": {"schema": {"title": "x"}}}
+
+    documented = document_errors(spec, errors_by_route={}, answers={"/generate": (Single, Batch)})
+
+    answer = documented["paths"]["/generate"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer == {"anyOf": [{"$ref": "#/components/schemas/Single"}, {"$ref": "#/components/schemas/Batch"}]}
+    check = Draft202012Validator({**answer, "components": documented["components"]})
+    assert check.is_valid({"result": "yes"}) and check.is_valid({"results": [{"result": "no"}]})
+    assert not check.is_valid({"results": "no"})

@@ -37,7 +37,7 @@ ENGINE_UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 # refused connection; trying that once more costs nothing.)
 STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Below the engine's keep-alive (uvicorn's 5 s), so the client drops an idle connection before the server does.
-STREAM_KEEPALIVE_S = 2.0
+ENGINE_KEEPALIVE_S = 2.0
 
 
 def decode_line(line: str) -> str | Generation:
@@ -77,7 +77,7 @@ class EngineClient(ModelRepository, SystemMonitor):
     def __init__(self, engine: Any, timeout_s: float = 120.0) -> None:
         self._engine = engine
         self._timeout_s = timeout_s
-        self._stream_http: aiohttp.ClientSession | None = None
+        self._engine_http: aiohttp.ClientSession | None = None
 
     async def load_model(self, model_id: str, device: str = "auto") -> Model:
         return Model.from_dict(await unwrap(lambda: self._engine.load_model(model_id=model_id, device=device)))
@@ -93,7 +93,20 @@ class EngineClient(ModelRepository, SystemMonitor):
 
     async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
         request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict()}
-        return Decision.from_dict(await unwrap(lambda: self._engine.classify(**request)))
+        return Decision.from_dict(await unwrap(lambda: self._post("classify", request)))
+
+    async def _post(self, api: str, request: dict[str, Any]) -> dict[str, Any]:
+        """A call on the hop generation streams take, not BentoML's proxy: the proxy keeps idle
+        connections past the engine's keep-alive, and a burst after a pause meets closed ones."""
+        remote = getattr(self._engine, "to_async", None)
+        if remote is None:  # the engine object itself, in this process
+            return await getattr(self._engine, api)(**request)
+        http = self._engine_http or self._open_engine_http(remote.url)
+        async with http.post(f"/{api}", json=request) as response:
+            if response.status >= 400:
+                body = (await response.read()).decode(errors="replace")
+                raise GenerationError(f"the engine answered {response.status}: {body}")
+            return await response.json()
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
         request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict()}
@@ -119,7 +132,7 @@ class EngineClient(ModelRepository, SystemMonitor):
         # BentoML's proxy never closes a stream its reader leaves early (1.4.39): the engine would go on
         # generating for nobody. This connection is ours, and closing it is synchronous, so the anyio
         # scope that cancels a streaming response cannot skip it.
-        http = self._stream_http or self._open_stream_http(remote.url)
+        http = self._engine_http or self._open_engine_http(remote.url)
         response = await once_more_if_stale(lambda: http.post(STREAM_ROUTE, json=request))
         try:
             if response.status >= 400:
@@ -133,24 +146,24 @@ class EngineClient(ModelRepository, SystemMonitor):
             # early closes it here, which is how the engine learns to stop generating.
             response.close()
 
-    def _open_stream_http(self, url: str) -> aiohttp.ClientSession:
+    def _open_engine_http(self, url: str) -> aiohttp.ClientSession:
         address = urlparse(url)
         # limit=0: no cap on connections; the engine's queue bounds the streams, a cap would queue them here.
         if address.scheme == "file":
             connector = aiohttp.UnixConnector(
-                path=url2pathname(address.path), keepalive_timeout=STREAM_KEEPALIVE_S, limit=0
+                path=url2pathname(address.path), keepalive_timeout=ENGINE_KEEPALIVE_S, limit=0
             )
             base_url = "http://engine"
         else:
-            connector = aiohttp.TCPConnector(keepalive_timeout=STREAM_KEEPALIVE_S, limit=0)
+            connector = aiohttp.TCPConnector(keepalive_timeout=ENGINE_KEEPALIVE_S, limit=0)
             base_url = f"http://{address.netloc}" if address.scheme == "tcp" else url
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout_s, sock_read=self._timeout_s)
-        self._stream_http = aiohttp.ClientSession(base_url=base_url, connector=connector, timeout=timeout)
-        return self._stream_http
+        self._engine_http = aiohttp.ClientSession(base_url=base_url, connector=connector, timeout=timeout)
+        return self._engine_http
 
     async def close(self) -> None:
-        if self._stream_http is not None:
-            await self._stream_http.close()
+        if self._engine_http is not None:
+            await self._engine_http.close()
 
     async def memory_usage(self) -> dict[str, Any]:
         return await unwrap(self._engine.memory_usage)

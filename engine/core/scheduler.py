@@ -8,8 +8,9 @@ ends: end of sequence, its own max tokens, its deadline, or cancellation.
 Priority (lower first) orders the queue (then arrival). When the queue is full, a request of higher
 priority than the lowest waiting one takes that one's place, and the one dropped ends as REFUSED. A
 request more urgent than one already running need not wait for a slot: it may join a full batch,
-up to a headroom of a quarter of its size. While a more urgent prompt prefills, less urgent prompts
-wait, so that its step stays short.
+up to a headroom of a quarter of its size. A step that computes a prompt serves no sequence less
+urgent than it (their prompts and decode tokens wait a step), so that the urgent one's step is as
+short as it would be alone.
 
 A scoring request (SamplingRequest.scored) generates nothing: its prompt's logits at the scored
 positions answer it, and it ends as its prompt completes.
@@ -156,15 +157,17 @@ class Scheduler:
         self._metrics.occupancy(len(self.waiting), len(self.running))
         if not self.running:
             return None
-        decoding = [sequence for sequence in self.running if sequence.decoding]
-        prefilling: list[ScheduledChunk] = []
-        copies: list[BlockCopy] = []
-        budget = self.prefill_budget
         prefill_order = sorted(
             (s for s in self.running if not s.decoding), key=lambda s: (s.request.priority, s.prompt_length - s.computed)
         )
+        # The step serves no sequence less urgent than the most urgent prompt it computes.
+        urgent = prefill_order[0].request.priority if prefill_order else math.inf
+        decoding = [sequence for sequence in self.running if sequence.decoding and sequence.request.priority <= urgent]
+        prefilling: list[ScheduledChunk] = []
+        copies: list[BlockCopy] = []
+        budget = self.prefill_budget
         for sequence in prefill_order:
-            if budget <= 0 or sequence.request.priority > prefill_order[0].request.priority:
+            if budget <= 0 or sequence.request.priority > urgent:
                 break
             start, end = sequence.computed, min(sequence.prompt_length, sequence.computed + budget)
             if start == sequence.cached_prompt_tokens:  # its first chunk

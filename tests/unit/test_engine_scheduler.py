@@ -278,6 +278,23 @@ def test_higher_priority_is_admitted_first_and_equal_priorities_keep_their_order
     assert admitted == [interactive, normal, bulk_first, bulk_second]
 
 
+def test_a_step_that_computes_a_more_urgent_prompt_leaves_less_urgent_decoders_for_the_next():
+    runner = ScriptedRunner()
+    into = scheduler()
+    bulk, _ = submit(into, prompt_of(5), max_new_tokens=10, priority=10)
+    step(into, runner)
+    normal, _ = submit(into, prompt_of(5, 2000), max_new_tokens=10)
+    normal_prompt = step(into, runner)
+    interactive, _ = submit(into, prompt_of(5, 3000), max_new_tokens=10, priority=-10)
+
+    interactive_prompt = step(into, runner)
+    after = step(into, runner)
+
+    assert normal_prompt.decoding == [] and [chunk.sequence for chunk in normal_prompt.prefilling] == [normal]
+    assert interactive_prompt.decoding == [] and [chunk.sequence for chunk in interactive_prompt.prefilling] == [interactive]
+    assert after.decoding == [bulk, normal, interactive] and after.prefilling == []
+
+
 def test_while_a_more_urgent_prompt_prefills_less_urgent_prompts_wait():
     into = scheduler(prefill_budget=16)
     normal, _ = submit(into, prompt_of(6))

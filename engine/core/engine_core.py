@@ -5,6 +5,12 @@ the runner runs it (outside the lock, the only slow part), and the scheduler boo
 Failures follow one ladder: a failed step fails the sequences in it; a fatal error (a broken
 device) or a bug in the loop ends the thread, fails every sequence, and leaves `failure` set so
 the model reads as unable to serve until it is reloaded.
+
+A request more urgent than every sequence of the step in flight aborts that step (the runner stops
+it between layers, before anything is sampled or booked): the next step is planned at once and
+serves the urgent one first, instead of after the whole step. The aborted step's work is redone,
+and the step that redoes it is not aborted again, so urgent traffic however dense leaves the rest
+at least every other step.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ logger = logging.getLogger(__name__)
 STALLED_WAIT_S = 0.05
 
 
+class StepAborted(Exception):
+    """The runner stopped the step on request: nothing of it was sampled or is to be booked."""
+
+
 class StepRunner(abc.ABC):
     """Runs a scheduled step on the model: the port the engine core drives (model_runner.py is the real one)."""
 
@@ -36,6 +46,13 @@ class StepRunner(abc.ABC):
         """Whether the error leaves the runner unable to run any later step."""
         return False
 
+    def abort(self) -> None:
+        """Asks the step in flight to stop with StepAborted (from any thread); a runner that cannot
+        stop a step lets it finish."""
+
+    def reset_abort(self) -> None:
+        """Forgets an abort asked for too late to stop the step it was for."""
+
 
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: StepRunner, batch_wait_s: float = 0.0, name: str = "model") -> None:
@@ -46,6 +63,10 @@ class EngineCore:
         self._stopped = False
         self._stop_reason = FinishReason.UNLOADED
         self.failure = ""  # set when the thread died: the model can serve nothing more
+        self._in_flight: ScheduledStep | None = None
+        self._in_flight_abortable = False
+        self._owed: set[int] = set()  # the sequences of an aborted step, until a step of theirs has run
+        self.aborted_steps = 0
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
 
     # Called from any thread.
@@ -69,6 +90,8 @@ class EngineCore:
         with self._wakeup:
             if not self._stopped:
                 self.scheduler.add(sequence)
+                if self._in_flight_abortable and request.priority < self._in_flight.most_urgent:
+                    self._runner.abort()
                 self._wakeup.notify()
                 return sequence
             if self.failure:
@@ -105,11 +128,22 @@ class EngineCore:
                     step = self.scheduler.schedule(time.monotonic())
                 if self._stopped:
                     return
-            self._run(step)
+                self._in_flight = step
+                self._in_flight_abortable = not self._owed.intersection(step.sequence_ids)
+            try:
+                self._run(step)
+            finally:
+                with self._wakeup:
+                    self._in_flight, self._in_flight_abortable = None, False
+                    self._runner.reset_abort()
 
     def _run(self, step: ScheduledStep) -> None:
         try:
             output = self._runner.execute(step)
+        except StepAborted:
+            self.aborted_steps += 1
+            self._owed = set(step.sequence_ids)
+            return
         except Exception as error:  # a failed step fails its sequences, never the scheduler...
             if self._runner.is_fatal(error):  # ...unless the device itself is broken
                 raise
@@ -119,3 +153,4 @@ class EngineCore:
             return
         with self._wakeup:
             self.scheduler.update(step, output, time.monotonic())
+            self._owed.difference_update(step.sequence_ids)

@@ -10,11 +10,13 @@ constrained sequence.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ..layers.paged_attention import PromptChunk, StepPlan, group_chunks
 from .block_manager import BLOCK_SIZE, PADDING_BLOCK
-from .engine_core import StepRunner
+from .engine_core import StepAborted, StepRunner
 from .grammar import allocate_bitmask, apply_bitmask
 from .kv_cache import PagedKVCache
 from .sampling import RowSampling, choose_tokens, scored_logprobs, seeded_generator, token_logprobs
@@ -24,6 +26,16 @@ from .sequence import Sequence, TokenMask
 # transformers returns a 4D mask as it is: this one is never read (attention uses the step plan).
 PREPARED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 BLOCK_OFFSETS = torch.arange(BLOCK_SIZE)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's stack of decoder layers: the ModuleList as long as its config's layer count (none
+    found: steps cannot be aborted, only finished)."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return list(module)
+    return []
 
 
 def slot_of(blocks: list[int], position: int) -> int:
@@ -43,6 +55,9 @@ class ModelRunner(StepRunner):
         self._eos_index = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=self._device)
         self._generators: dict[int, torch.Generator] = {}  # a seeded sequence's own, kept across its steps
         self._grammars: dict[int, TokenMask] = {}  # a constrained sequence's grammar state, kept likewise
+        self._abort = threading.Event()
+        for layer in decoder_layers(model):
+            layer.register_forward_pre_hook(self._stop_if_aborted)
 
     def execute(self, step: ScheduledStep) -> StepOutput:
         for seq_id in step.finished_ids:
@@ -67,6 +82,18 @@ class ModelRunner(StepRunner):
                     failed[sampled[row].seq_id] = f"the grammar refused token {token_ids[row]}: {error}"
             logprobs = token_logprobs(logits, rows, token_ids) if any(r.logprobs is not None for r in rows) else None
             return StepOutput(token_ids, logprobs, scores, failed)
+
+    def abort(self) -> None:
+        self._abort.set()
+
+    def reset_abort(self) -> None:
+        self._abort.clear()
+
+    def _stop_if_aborted(self, layer: torch.nn.Module, args: tuple) -> None:
+        """Before each decoder layer. Stopping there is safe: the layers before it only wrote keys and
+        values that the step, planned again, writes once more, and nothing was sampled yet."""
+        if self._abort.is_set():
+            raise StepAborted
 
     def is_fatal(self, error: Exception) -> bool:
         """A CUDA error (device-side assert, illegal address) leaves the device unusable until restart."""

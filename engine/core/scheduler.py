@@ -10,7 +10,9 @@ priority than the lowest waiting one takes that one's place, and the one dropped
 request more urgent than one already running need not wait for a slot: it may join a full batch,
 up to a headroom of a quarter of its size. A step that computes a prompt serves no sequence less
 urgent than it (their prompts and decode tokens wait a step), so that the urgent one's step is as
-short as it would be alone.
+short as it would be alone. Prompts of less than default priority (background work) are computed
+a quarter of the prefill budget a step, so that no step of theirs runs long when an urgent request
+arrives behind it (engine_core.py aborts such a step, but not the one that redoes it).
 
 A scoring request (SamplingRequest.scored) generates nothing: its prompt's logits at the scored
 positions answer it, and it ends as its prompt completes.
@@ -30,7 +32,16 @@ from functools import cached_property
 from metrics import SchedulerMetrics
 
 from .block_manager import BLOCK_SIZE, BlockManager, CacheFull
-from .sequence import BlockCopy, FinishEvent, FinishReason, ScoreEvent, Sequence, TokenEvent, TokenLogprobs
+from .sequence import (
+    DEFAULT_PRIORITY,
+    BlockCopy,
+    FinishEvent,
+    FinishReason,
+    ScoreEvent,
+    Sequence,
+    TokenEvent,
+    TokenLogprobs,
+)
 
 
 class QueueFull(Exception):
@@ -62,12 +73,22 @@ class ScheduledStep:
     prefilling: list[ScheduledChunk]  # shortest remaining prompt first
     copies: list[BlockCopy]  # to make before the step's attention reads the cache
     finished_ids: list[int]  # sequences that ended since the last step: the runner may forget them
+    planned_at: float  # time.monotonic() when it was scheduled
 
     @cached_property
     def sampled(self) -> list[Sequence]:
         """The sequences that get a token from this step, in the order the runner returns them."""
         completing = (chunk.sequence for chunk in self.prefilling if chunk.completes_prompt)
         return [*self.decoding, *(sequence for sequence in completing if not sequence.request.scoring)]
+
+    @cached_property
+    def sequence_ids(self) -> set[int]:
+        return {sequence.seq_id for sequence in (*self.decoding, *(chunk.sequence for chunk in self.prefilling))}
+
+    @cached_property
+    def most_urgent(self) -> float:
+        """The priority of its most urgent sequence."""
+        return min(sequence.request.priority for sequence in (*self.decoding, *(c.sequence for c in self.prefilling)))
 
     @cached_property
     def scored(self) -> list[ScheduledChunk]:
@@ -102,6 +123,7 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.max_queue_size = max_queue_size
         self.priority_headroom = max(1, max_batch_size // 4)
+        self.background_prefill_budget = max(BLOCK_SIZE, prefill_budget // 4)
         self._metrics = metrics
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -165,20 +187,17 @@ class Scheduler:
         decoding = [sequence for sequence in self.running if sequence.decoding and sequence.request.priority <= urgent]
         prefilling: list[ScheduledChunk] = []
         copies: list[BlockCopy] = []
-        budget = self.prefill_budget
+        budget = self.prefill_budget if urgent <= DEFAULT_PRIORITY else self.background_prefill_budget
         for sequence in prefill_order:
             if budget <= 0 or sequence.request.priority > urgent:
                 break
             start, end = sequence.computed, min(sequence.prompt_length, sequence.computed + budget)
-            if start == sequence.cached_prompt_tokens:  # its first chunk
-                self._metrics.queue_wait.observe(now - sequence.submitted_at)
-                self._metrics.prompt_tokens.inc(sequence.prompt_length)
-                if sequence.pending_copy is not None:
-                    copies.append(sequence.pending_copy)
+            if start == sequence.cached_prompt_tokens and sequence.pending_copy is not None:  # its first chunk
+                copies.append(sequence.pending_copy)
             prefilling.append(ScheduledChunk(sequence, start, end))
             budget -= end - start
         finished, self._finished_ids = self._finished_ids, []
-        return ScheduledStep(decoding, prefilling, copies, finished)
+        return ScheduledStep(decoding, prefilling, copies, finished, now)
 
     def update(self, step: ScheduledStep, output: StepOutput, now: float) -> None:
         """Books a step the runner has run."""
@@ -186,6 +205,9 @@ class Scheduler:
         self._metrics.step_sequences.observe(len(step.decoding) + len(step.prefilling))
         for chunk in step.prefilling:
             sequence = chunk.sequence
+            if chunk.start == sequence.cached_prompt_tokens:  # booked once run: an aborted step is planned again
+                self._metrics.queue_wait.observe(step.planned_at - sequence.submitted_at)
+                self._metrics.prompt_tokens.inc(sequence.prompt_length)
             if sequence.pending_copy is not None:  # made before this step's attention: the source can go
                 self.blocks.release([sequence.pending_copy.source])
                 sequence.pending_copy = None

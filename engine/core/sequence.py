@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+DEFAULT_PRIORITY = 0  # lower runs first
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # an end-of-sequence token, or a stop string
@@ -93,7 +95,7 @@ class SamplingRequest:
     min_new_tokens: int = 0  # the runner masks end-of-sequence tokens until this many are generated
     ignore_eos: bool = False  # an end-of-sequence token does not end the sequence
     logprobs: int | None = None  # None: none; k: the chosen token's and the k likeliest tokens' log probabilities
-    priority: int = 0  # lower runs first, as in vLLM; equal priorities keep their order of arrival
+    priority: int = DEFAULT_PRIORITY  # lower runs first, as in vLLM; equal priorities keep their order of arrival
     grammar: Callable[[], TokenMask] | None = None  # a fresh constraint for the sequence (a compiled grammar's matcher)
     scored: tuple[ScoredPosition, ...] = ()  # a scoring request: no token is generated, the prompt's logits answer
 

@@ -134,3 +134,30 @@ def test_a_generation_that_asks_for_no_logprobs_carries_none(repository):
     params = GenerationParams(max_new_tokens=3, temperature=0.0, timeout_s=60)
 
     assert run(repository.generate_text(BUNDLED_MODEL_ID, PROMPT, params)).logprobs is None
+
+
+def test_an_urgent_decision_aborts_bulk_steps_which_are_redone_to_the_same_text(repository):
+    run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    bulk = GenerationParams(max_new_tokens=24, temperature=0.0, timeout_s=120, min_new_tokens=24, priority=10)
+    prompts = [PromptBuilder().build(f"Write a poem about the number {number}.", []) for number in range(6)]
+
+    async def generate_all():
+        return await asyncio.gather(*(repository.generate_text(BUNDLED_MODEL_ID, prompt, bulk) for prompt in prompts))
+
+    async def generate_while_deciding():
+        work = asyncio.ensure_future(generate_all())
+        decisions = []
+        while not work.done():  # the engine is busy: nearly every decision arrives while a step runs
+            decisions.append(await repository.classify(BUNDLED_MODEL_ID, PROMPT, ClassifyParams(LABELS, 60, priority=-10)))
+            await asyncio.sleep(0.05)
+        return await work, decisions
+
+    alone = run(generate_all())
+    core = repository.loaded(BUNDLED_MODEL_ID).core
+    aborted_before = core.aborted_steps
+
+    interrupted, decisions = run(generate_while_deciding())
+
+    assert core.aborted_steps > aborted_before
+    assert [generation.text for generation in interrupted] == [generation.text for generation in alone]
+    assert len({decision.label for decision in decisions}) == 1

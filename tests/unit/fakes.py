@@ -7,7 +7,6 @@ Each fake subclasses the real abstract port, so a port that grows a method break
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
@@ -28,7 +27,7 @@ from domain import (
     Prompt,
     SystemMonitor,
 )
-from engine.core.engine_core import StepRunner
+from engine.core.engine_core import StepAborted, StepRunner
 from engine.core.scheduler import ScheduledStep, StepOutput
 from engine.core.sequence import Event, FinishEvent, TokenEvent
 
@@ -210,11 +209,13 @@ class ScriptedRunner(StepRunner):
         self.fail_with: Exception | None = None
         self.fatal = False
         self.step_s = 0.0
+        self.aborted = threading.Event()
 
     def execute(self, step: ScheduledStep) -> StepOutput:
         self.steps.append(step)
         self.forgotten.update(step.finished_ids)
-        time.sleep(self.step_s)
+        if self.aborted.wait(self.step_s):  # a step stops early when aborted, as the model runner's does
+            raise StepAborted
         if self.fail_with is not None:
             raise self.fail_with
         token_ids = [self._next_token(s.request.prompt_ids, len(s.output_ids)) for s in step.sampled]
@@ -231,6 +232,12 @@ class ScriptedRunner(StepRunner):
 
     def is_fatal(self, error: Exception) -> bool:
         return self.fatal
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+    def reset_abort(self) -> None:
+        self.aborted.clear()
 
     def _next_token(self, prompt_ids: list[int], generated: int) -> int:
         answer = self._script.get(tuple(prompt_ids), [])

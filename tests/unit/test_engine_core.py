@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from engine.core.block_manager import BlockManager
@@ -93,3 +95,52 @@ def test_a_full_queue_refuses_at_submit(runner):
     core.submit(request(), RecordingCaller().sink)
     with pytest.raises(QueueFull):
         core.submit(request(), RecordingCaller().sink)
+
+
+def test_a_more_urgent_request_aborts_the_step_in_flight_and_is_served_first(core, runner):
+    runner.step_s = 1.0
+    bulk = RecordingCaller()
+    core.submit(SamplingRequest(PROMPT, 3, 0.0, float("inf"), priority=10), bulk.sink)
+    time.sleep(0.2)  # the bulk request's first step is in flight
+    urgent = RecordingCaller()
+
+    core.submit(SamplingRequest([20, 21], 1, 0.0, float("inf"), priority=-10), urgent.sink)
+
+    urgent.wait_finish()
+    aborted, express, redone = runner.steps[:3]
+    assert core.aborted_steps == 1
+    assert [chunk.sequence.prompt_ids for chunk in express.prefilling] == [[20, 21]] and express.decoding == []
+    assert redone.prefilling == aborted.prefilling  # the bulk prompt, planned again
+    assert bulk.wait_finish().reason is FinishReason.STOP and bulk.tokens == [5, 6]
+
+
+def test_a_request_no_more_urgent_than_the_step_in_flight_waits_for_it(core, runner):
+    runner.step_s = 0.3
+    first, second = RecordingCaller(), RecordingCaller()
+    core.submit(request(3), first.sink)
+    time.sleep(0.1)
+
+    core.submit(SamplingRequest([20, 21], 1, 0.0, float("inf")), second.sink)
+
+    second.wait_finish()
+    first.wait_finish()
+    assert core.aborted_steps == 0
+
+
+def test_the_step_that_redoes_an_aborted_one_is_not_aborted_again(core, runner):
+    runner.step_s = 0.4
+    bulk = RecordingCaller()
+    core.submit(SamplingRequest(PROMPT, 3, 0.0, float("inf"), priority=10), bulk.sink)
+    time.sleep(0.1)
+    first_urgent, second_urgent = RecordingCaller(), RecordingCaller()
+    core.submit(SamplingRequest([20, 21], 1, 0.0, float("inf"), priority=-10), first_urgent.sink)
+    first_urgent.wait_finish()
+    time.sleep(0.1)  # the redo of the bulk step is in flight
+
+    core.submit(SamplingRequest([30, 31], 1, 0.0, float("inf"), priority=-10), second_urgent.sink)
+
+    second_urgent.wait_finish()
+    assert core.aborted_steps == 1
+    aborted, express, redone, second_express = runner.steps[:4]
+    assert redone.prefilling == aborted.prefilling
+    assert [chunk.sequence.prompt_ids for chunk in second_express.prefilling] == [[30, 31]]

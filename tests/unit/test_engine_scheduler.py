@@ -405,3 +405,17 @@ def test_an_end_of_sequence_token_is_sent_with_its_logprobs_to_a_request_that_as
     run_until_idle(into, Scoring({tuple(prompt_of(5)): [5, EOS]}))
 
     assert caller.tokens == [5, EOS] and caller.finish == FinishEvent(FinishReason.STOP, 5, 2, 0)
+
+
+def test_background_prompts_are_computed_a_quarter_budget_a_step():
+    into = scheduler(prefill_budget=64)
+    batch, _ = submit(into, prompt_of(40), priority=10)
+
+    first = into.schedule(NOW)
+    into.update(first, ScriptedRunner().execute(first), NOW)
+    normal, _ = submit(into, prompt_of(40, 2000))
+    second = into.schedule(NOW)
+
+    assert into.background_prefill_budget == 16
+    assert [(chunk.start, chunk.end) for chunk in first.prefilling] == [(0, 16)]
+    assert [(chunk.sequence, chunk.end) for chunk in second.prefilling] == [(normal, 40)]  # the full budget

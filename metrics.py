@@ -36,6 +36,14 @@ LOAD_SECONDS = Histogram(
     buckets=LOAD_BUCKETS_S,
 )
 LOADED_MODELS = Gauge(f"{PREFIX}_loaded_models", "Models loaded in the engine", multiprocess_mode=LATEST)
+EVICTION_REASONS = ("make_room", "memory_pressure")
+EVICTIONS = Counter(
+    f"{PREFIX}_evictions",
+    "Idle models unloaded for memory: to make room for a load (make_room), or past the limits (memory_pressure)",
+    ["reason"],
+)
+for _reason in EVICTION_REASONS:  # both series show from the start, at 0
+    EVICTIONS.labels(reason=_reason)
 
 # The engine: generation, per model.
 GENERATION_SECONDS = Histogram(

@@ -9,7 +9,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -23,6 +23,7 @@ from domain import (
     GenerationError,
     GenerationParams,
     GenerationTimeoutError,
+    InsufficientMemoryError,
     Model,
     ModelCatalog,
     ModelNotLoadedError,
@@ -33,7 +34,7 @@ from domain import (
     TextDelta,
     TokenLogprob,
 )
-from metrics import GENERATION_SECONDS, LOADED_MODELS
+from metrics import EVICTIONS, GENERATION_SECONDS, LOADED_MODELS
 
 from .core.detokenizer import IncrementalDecoder
 from .core.label_scoring import LabelScoring, ScoringRequest
@@ -214,10 +215,39 @@ class TransformersModelRepository(ModelRepository):
                 return self._describe(entry)
             if current is not None:
                 self._drop(model_id)
-            self._loaded[model_id] = self._loader.load(entry, target)
+            self._loaded[model_id] = self._load_making_room(entry, target)
             self._changed_at[model_id] = now()
             LOADED_MODELS.set(len(self._loaded))
         return self._describe(entry)
+
+    def _load_making_room(self, entry: CatalogEntry, device: str) -> LoadedModel:
+        """A load refused for memory unloads idle models, least recently used first, until it fits or
+        none is left, then is tried once more."""
+        try:
+            return self._loader.load(entry, device)
+        except InsufficientMemoryError as refused:
+            unloaded = self.unload_idle(
+                until=lambda: self._loader.fits(entry, device), keep={entry.model_id}, reason="make_room", why=entry.model_id
+            )
+            if not unloaded:
+                raise InsufficientMemoryError(f"{refused}; and no idle model could be unloaded to make room") from None
+        try:
+            return self._loader.load(entry, device)
+        except InsufficientMemoryError as again:
+            raise InsufficientMemoryError(f"{again}; unloading the idle {', '.join(unloaded)} first was not enough") from None
+
+    def unload_idle(self, until: Callable[[], bool], keep: set[str], reason: str, why: str) -> list[str]:
+        """Unloads idle models (no request in flight), least recently used first and none of `keep`,
+        until `until()` holds; the models it unloaded. `reason` labels the metric, `why` the log."""
+        unloaded: list[str] = []
+        for model_id in self.idle_models():
+            if until():
+                break
+            if model_id not in keep and self.unload_if_idle(model_id):
+                EVICTIONS.labels(reason=reason).inc()
+                logger.warning("unloaded idle model %s: %s", model_id, why)
+                unloaded.append(model_id)
+        return unloaded
 
     def unload_blocking(self, model_id: str) -> Model:
         entry = self._catalog.get(model_id)

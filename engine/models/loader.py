@@ -176,7 +176,7 @@ class ModelLoader:
     def _load(self, entry: CatalogEntry, device: str) -> LoadedModel:
         dtype = dtype_for(device, self._dtype_setting)
         scheme = quantization.effective_quantization(self._quantization_setting, device)
-        self._check_room(entry, device, dtype, scheme)
+        check_room_for(entry.model_id, self.footprint(entry, device), device, self._memory_limits)
         logger.info("loading %s on %s as %s, quantization %s", entry.model_id, device, dtype, scheme)
         started = time.perf_counter()
         try:
@@ -243,13 +243,23 @@ class ModelLoader:
             return False
         return True
 
-    def _check_room(self, entry: CatalogEntry, device: str, dtype: torch.dtype, scheme: str) -> None:
+    def fits(self, entry: CatalogEntry, device: str) -> bool:
+        """Whether a load of the model would pass its memory check now."""
+        try:
+            check_room_for(entry.model_id, self.footprint(entry, device), device, self._memory_limits)
+        except InsufficientMemoryError:
+            return False
+        return True
+
+    def footprint(self, entry: CatalogEntry, device: str) -> int:
+        """The most memory a load of the model is estimated to hold at once."""
+        dtype = dtype_for(device, self._dtype_setting)
+        scheme = quantization.effective_quantization(self._quantization_setting, device)
         files_size = sum(p.stat().st_size for p in Path(entry.path).glob("*") if p.is_file())
         read_bytes = weights_at_load(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
         kept_bytes = quantization.resident_weights_bytes(scheme, entry.path, entry.metadata, read_bytes)
         transient_bytes = read_bytes if scheme == quantization.INT8 else 0  # the read, beside its int8 copy
-        footprint = estimate_footprint(kept_bytes, self._batching.kv_cache_bytes, transient_bytes)
-        check_room_for(entry.model_id, footprint, device, self._memory_limits)
+        return estimate_footprint(kept_bytes, self._batching.kv_cache_bytes, transient_bytes)
 
     def _kv_cache(self, model: PreTrainedModel, dtype: torch.dtype, device: str) -> PagedKVCache:
         config = model.config

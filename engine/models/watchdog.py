@@ -53,13 +53,12 @@ class MemoryWatchdog:
         if not self._measure().over(self._limits):
             return unloaded
         release_freed_memory()
-        for model_id in self._repository.idle_models():
-            if not self._measure().over(self._limits):
-                break
-            if model_id not in self._keep and self._repository.unload_if_idle(model_id):
-                logger.warning("memory past its limits: unloaded idle model %s", model_id)
-                unloaded.append(model_id)
-        return unloaded
+        return unloaded + self._repository.unload_idle(
+            until=lambda: not self._measure().over(self._limits),
+            keep=self._keep,
+            reason="memory_pressure",
+            why="memory past its limits",
+        )
 
     def _unload_expired(self) -> list[str]:
         if not self._idle_timeout_s:

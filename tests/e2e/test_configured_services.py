@@ -264,3 +264,13 @@ def test_load_and_unload_under_16_streams_give_no_500_and_give_the_memory_back(r
     assert not unexpected, unexpected
     assert served == 64  # every stream that met an unload was served when asked again
     assert after < before * 1.10
+
+
+def test_cpu_threads_below_the_core_count_sets_the_engines_torch_threads(run_service):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("CPU_THREADS below the core count needs at least 2 cores; this machine has 1")
+    service = run_service(CPU_THREADS="1")
+
+    info = httpx.get(f"{service.url}/system-info", timeout=30).json()
+
+    assert info["torch_threads"] == 1 and info["cpu_count"] >= 2

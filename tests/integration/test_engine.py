@@ -23,7 +23,7 @@ from domain import (
     ModelNotLoadedError,
     PromptBuilder,
 )
-from engine.models.memory import MemoryLimits, SystemMemory
+from engine.models.memory import MemoryLimits, SystemMemory, system_memory
 from engine.models.watchdog import MemoryWatchdog
 from engine.repository import TransformersModelRepository
 
@@ -139,6 +139,27 @@ def test_load_that_would_break_the_memory_limits_is_refused_before_it_starts(tin
     with pytest.raises(InsufficientMemoryError, match="MIN_MEMORY_GB=100000"):
         run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
     assert repository.loaded(BUNDLED_MODEL_ID) is None
+
+
+def test_a_load_that_would_pass_max_memory_usage_is_refused_naming_it(tiny_qwen_dir, executor):
+    system = system_memory()
+    used = (system.total - system.available) / system.total
+    # Room for a few MB more, not for SmolLM2's half gigabyte: only the MAX_MEMORY_USAGE branch refuses it.
+    strict = MemoryLimits(max_usage_fraction=used + 0.005, min_free_gb=0.0, gpu_memory_fraction=0.8)
+    repository = TransformersModelRepository(DirectoryCatalog({TINY_QWEN_ID: tiny_qwen_dir}), executor, strict)
+
+    with pytest.raises(InsufficientMemoryError, match=r"above MAX_MEMORY_USAGE=0\.\d+"):
+        run(repository.load_model(BUNDLED_MODEL_ID, "cpu"))
+    assert repository.loaded(BUNDLED_MODEL_ID) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU_MEMORY_FRACTION bounds CUDA loads; no CUDA device here")
+def test_a_cuda_load_past_gpu_memory_fraction_is_refused_naming_it(tiny_qwen_dir, executor):
+    tiny = MemoryLimits(max_usage_fraction=0.99, min_free_gb=0.0, gpu_memory_fraction=0.0001)
+    repository = TransformersModelRepository(DirectoryCatalog({TINY_QWEN_ID: tiny_qwen_dir}), executor, tiny)
+
+    with pytest.raises(InsufficientMemoryError, match="within GPU_MEMORY_FRACTION=0.0001"):
+        run(repository.load_model(BUNDLED_MODEL_ID, "cuda"))
 
 
 def test_prompt_past_the_context_window_is_refused(repository):

@@ -55,11 +55,15 @@ async def answer_items(
         try:
             parsed = item_schema.model_validate(item)
         except ValidationError as error:
-            problems = [{**problem, "loc": ("items", index, *problem["loc"])} for problem in error.errors(include_url=False)]
+            problems = [
+                {**problem, "loc": ("items", index, *problem["loc"])} for problem in error.errors(include_url=False)
+            ]
             count_error("validation_error")
             return ItemError(error=describe_problems(problems), error_type="validation_error")
         try:
-            return await run(command_for({**fields, "query": parsed.query or fields["query"], "context": parsed.context}))
+            return await run(
+                command_for({**fields, "query": parsed.query or fields["query"], "context": parsed.context})
+            )
         except Exception as error:  # noqa: BLE001: one item's failure is its own answer; the others go on
             body = error_body(error)
             count_error(body["error_type"])

@@ -177,7 +177,11 @@ def request_schemas(settings: Settings) -> RequestSchemas:
         ignore_eos: bool = Field(False, strict=True, description=IGNORE_EOS_DESCRIPTION)
         logprobs: bool = Field(False, strict=True, description=LOGPROBS_DESCRIPTION)
         top_logprobs: int | None = Field(
-            None, strict=True, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the likeliest tokens at each position"
+            None,
+            strict=True,
+            ge=0,
+            le=MAX_TOP_LOGPROBS,
+            description="with logprobs: the likeliest tokens at each position",
         )
         choices: Labels | None = Field(
             None, description="answer with the likeliest of these (as /classify does), with every choice's probability"
@@ -197,7 +201,8 @@ def request_schemas(settings: Settings) -> RequestSchemas:
             if choices is not None:
                 for name in ("max_length", "temperature", "min_tokens", "top_logprobs", "ignore_eos", "logprobs"):
                     if info.data.get(name) not in (None, False):
-                        raise ValueError(f"a decision generates nothing, so it takes no {name}, got {name} {info.data[name]}")
+                        given = f"{name} {info.data[name]}"
+                        raise ValueError(f"a decision generates nothing, so it takes no {name}, got {given}")
             return choices
 
     class LoadModelRequest(Request):
@@ -285,7 +290,7 @@ class GenerateResponse(BaseModel):
             cached_prompt_tokens=generation.cached_prompt_tokens,
             total_time_ms=round(total_time_s * 1000, 2),
             cached=generation.cached,
-            logprobs=None if generation.logprobs is None else [TokenLogprobResponse.of(each) for each in generation.logprobs],
+            logprobs=None if generation.logprobs is None else list(map(TokenLogprobResponse.of, generation.logprobs)),
         )
 
 

@@ -62,8 +62,8 @@ async def event_stream(
 def server_sent_events(
     first: Item, rest: AsyncIterator[Item], final: Callable[[Generation], dict[str, Any]]
 ) -> AsyncIterator[str]:
-    """/generate/stream: `data: {"text"}` per piece of text (with `"logprobs"`, its tokens', when asked), then `data: {"done": true, ...final}`, or
-    a last `data: {"error", "error_type"}`."""
+    """/generate/stream: `data: {"text"}` per piece of text (with `"logprobs"`, its tokens', when asked),
+    then `data: {"done": true, ...final}`, or a last `data: {"error", "error_type"}`."""
 
     def render(item: Item) -> list[dict[str, Any]]:
         if isinstance(item, Generation):

@@ -140,7 +140,11 @@ class GenerationLimits:
     max_generation_time_s: float
 
     def classify_params(
-        self, labels: list[str] | tuple[str, ...], timeout_s: float | None, priority: int | str | None, field: str = "labels"
+        self,
+        labels: list[str] | tuple[str, ...],
+        timeout_s: float | None,
+        priority: int | str | None,
+        field: str = "labels",
     ) -> ClassifyParams:
         if timeout_s is not None and timeout_s <= 0:
             raise InvalidRequestError(f"timeout: must be more than 0 seconds, got {timeout_s}")

@@ -162,7 +162,9 @@ class TransformersModelRepository(ModelRepository):
         deadline = time.monotonic() + params.timeout_s
         with self._in_use(loaded):
             first, finish = await self._score(loaded, scoring.first, deadline, params)
-            rest = await asyncio.gather(*(self._score(loaded, request, deadline, params) for request in scoring.rest))
+            rest = await asyncio.gather(
+                *(self._score(loaded, request, deadline, params) for request in scoring.rest)
+            )
         totals = scoring.totals(first, [scores for scores, _ in rest])
         weights = [math.exp(total - max(totals)) for total in totals]
         probabilities = [weight / sum(weights) for weight in weights]
@@ -227,14 +229,18 @@ class TransformersModelRepository(ModelRepository):
             return self._loader.load(entry, device)
         except InsufficientMemoryError as refused:
             unloaded = self.unload_idle(
-                until=lambda: self._loader.fits(entry, device), keep={entry.model_id}, reason="make_room", why=entry.model_id
+                until=lambda: self._loader.fits(entry, device),
+                keep={entry.model_id},
+                reason="make_room",
+                why=entry.model_id,
             )
             if not unloaded:
                 raise InsufficientMemoryError(f"{refused}; and no idle model could be unloaded to make room") from None
         try:
             return self._loader.load(entry, device)
         except InsufficientMemoryError as again:
-            raise InsufficientMemoryError(f"{again}; unloading the idle {', '.join(unloaded)} first was not enough") from None
+            tried = f"unloading the idle {', '.join(unloaded)} first was not enough"
+            raise InsufficientMemoryError(f"{again}; {tried}") from None
 
     def unload_idle(self, until: Callable[[], bool], keep: set[str], reason: str, why: str) -> list[str]:
         """Unloads idle models (no request in flight), least recently used first and none of `keep`,

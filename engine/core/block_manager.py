@@ -104,7 +104,9 @@ class BlockManager:
                 else:
                     self.free.append(block)
 
-    def claim(self, prompt_ids: Sequence[int], hashes: list[int], block_count: int, computed_from: int | None = None) -> Claim:
+    def claim(
+        self, prompt_ids: Sequence[int], hashes: list[int], block_count: int, computed_from: int | None = None
+    ) -> Claim:
         """`block_count` blocks for a sequence with this prompt: the cached blocks of its longest cached
         prefix, then fresh ones, the first of which gets a copy of the tokens a cached block shares with
         the prompt past that prefix. Tokens from `computed_from` on are computed whatever the cache holds

@@ -45,9 +45,7 @@ class LabelScoring:
     def longest_prompt(self) -> int:
         return max(len(request.prompt_ids) for request in (self.first, *self.rest))
 
-    def totals(
-        self, first: tuple[tuple[float, ...], ...], rest: list[tuple[tuple[float, ...], ...]]
-    ) -> list[float]:
+    def totals(self, first: tuple[tuple[float, ...], ...], rest: list[tuple[tuple[float, ...], ...]]) -> list[float]:
         """Each label's log probability, from the answers to `first` and to `rest`, in their orders."""
         (first_logprobs,) = first
         logprob_of_first = dict(zip(self._firsts, first_logprobs))

@@ -165,7 +165,8 @@ class Scheduler:
         if self.queue_full:
             if self.refuses(sequence.request.priority):
                 raise QueueFull(f"{len(self.waiting)} sequences are waiting (max_queue_size={self.max_queue_size})")
-            self.finish(self.waiting.pop(), FinishReason.REFUSED, f"a request of priority {sequence.request.priority} took its place")
+            displaced = f"a request of priority {sequence.request.priority} took its place"
+            self.finish(self.waiting.pop(), FinishReason.REFUSED, displaced)
         place = len(self.waiting)
         while place and self.waiting[place - 1].request.priority > sequence.request.priority:
             place -= 1
@@ -286,7 +287,9 @@ class Scheduler:
             sequence = self.waiting[0]
             needed = self.blocks_needed(sequence.prompt_length, sequence.request.max_new_tokens)
             try:
-                claim = self.blocks.claim(sequence.prompt_ids, sequence.hashes, needed, sequence.request.first_scored_position)
+                claim = self.blocks.claim(
+                    sequence.prompt_ids, sequence.hashes, needed, sequence.request.first_scored_position
+                )
             except CacheFull:
                 return  # it waits for running sequences to give blocks back
             self.waiting.popleft()

@@ -77,18 +77,29 @@ def test_a_batch_of_generations_answers_in_order_with_each_items_own_query(http)
 
     results = http.post("/generate", json=body).json()["results"]
 
-    singles = [http.post("/generate", json={"query": QUESTION, "context": [post], "max_length": 8, "temperature": 0}).json()
-               for post in POSTS]
+    singles = [
+        http.post("/generate", json={"query": QUESTION, "context": [post], "max_length": 8, "temperature": 0}).json()
+        for post in POSTS
+    ]
     assert [result["result"] for result in results[:4]] == [single["result"] for single in singles]
     assert "Paris" in results[4]["result"]
 
 
 def test_generate_returns_each_tokens_logprobs_whole_and_streamed(http):
-    body = {"query": "Say hello.", "max_length": 5, "min_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    body = {
+        "query": "Say hello.",
+        "max_length": 5,
+        "min_tokens": 5,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
 
     whole = http.post("/generate", json=body).json()
     with http.stream("POST", "/generate/stream", json=body) as response:
-        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: ")]
+        events = [
+            json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: ")
+        ]
 
     assert len(whole["logprobs"]) == 5
     for token in whole["logprobs"]:

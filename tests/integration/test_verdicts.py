@@ -87,7 +87,9 @@ def test_concurrent_decisions_share_batches_and_answer_as_one_alone(repository):
     steps_before = repository.loaded(BUNDLED_MODEL_ID).core.scheduler.steps
 
     async def together():
-        return await asyncio.gather(*(repository.classify(BUNDLED_MODEL_ID, PROMPT, ClassifyParams(LABELS, 60)) for _ in range(8)))
+        return await asyncio.gather(
+            *(repository.classify(BUNDLED_MODEL_ID, PROMPT, ClassifyParams(LABELS, 60)) for _ in range(8))
+        )
 
     decisions = run(together())
 
@@ -148,7 +150,9 @@ def test_an_urgent_decision_aborts_bulk_steps_which_are_redone_to_the_same_text(
         work = asyncio.ensure_future(generate_all())
         decisions = []
         while not work.done():  # the engine is busy: nearly every decision arrives while a step runs
-            decisions.append(await repository.classify(BUNDLED_MODEL_ID, PROMPT, ClassifyParams(LABELS, 60, priority=-10)))
+            decisions.append(
+                await repository.classify(BUNDLED_MODEL_ID, PROMPT, ClassifyParams(LABELS, 60, priority=-10))
+            )
             await asyncio.sleep(0.05)
         return await work, decisions
 

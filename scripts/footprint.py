@@ -15,6 +15,7 @@ import multiprocessing
 import resource
 
 import psutil
+
 from serving import use_the_checkout_in_process
 
 MIB = 2**20

@@ -41,7 +41,14 @@ from domain.generation import (
     MIN_SEED,
 )
 
-from .schemas import IGNORE_EOS_DESCRIPTION, MAX_LENGTH_LIMIT, MIN_TOKENS_DESCRIPTION, Priority, no_nul
+from .schemas import (
+    IGNORE_EOS_DESCRIPTION,
+    MAX_LENGTH_LIMIT,
+    MIN_TOKENS_DESCRIPTION,
+    Priority,
+    no_nul,
+    top_logprobs_need_logprobs,
+)
 
 # OpenAI's "developer" role is the newer name of "system"; chat templates know only the latter.
 TEMPLATE_ROLE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -331,12 +338,7 @@ class ChatCompletionRequest(GenerationRequest):
         None, strict=True, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the likeliest tokens at each position"
     )
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
-        if top_logprobs is not None and not info.data.get("logprobs"):
-            raise ValueError(f"only allowed when logprobs is true, got {top_logprobs}")
-        return top_logprobs
+    _top_logprobs_need_logprobs = field_validator("top_logprobs")(top_logprobs_need_logprobs)
 
     @field_validator("max_completion_tokens")
     @classmethod

@@ -44,6 +44,13 @@ PRIORITY_DESCRIPTION = (
 )
 
 
+def top_logprobs_need_logprobs(cls: type, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+    """A field validator for /generate and /v1 alike: top_logprobs means nothing without logprobs."""
+    if top_logprobs is not None and not info.data.get("logprobs"):
+        raise ValueError(f"only allowed when logprobs is true, got {top_logprobs}")
+    return top_logprobs
+
+
 def _priority(value: Any) -> Any:
     if value is not None:
         try:
@@ -187,12 +194,7 @@ def request_schemas(settings: Settings) -> RequestSchemas:
             None, description="answer with the likeliest of these (as /classify does), with every choice's probability"
         )
 
-        @field_validator("top_logprobs")
-        @classmethod
-        def _with_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
-            if top_logprobs is not None and not info.data.get("logprobs"):
-                raise ValueError(f"needs logprobs true, got {top_logprobs} without it")
-            return top_logprobs
+        _with_logprobs = field_validator("top_logprobs")(top_logprobs_need_logprobs)
 
         @field_validator("choices")
         @classmethod

@@ -23,7 +23,9 @@ from domain import (
     GenerationError,
     GenerationParams,
     GenerationTimeoutError,
+    GuidedDecoding,
     InsufficientMemoryError,
+    InvalidRequestError,
     Model,
     ModelCatalog,
     ModelNotLoadedError,
@@ -37,6 +39,7 @@ from domain import (
 from metrics import EVICTIONS, GENERATION_SECONDS, LOADED_MODELS
 
 from .core.detokenizer import IncrementalDecoder
+from .core.grammar import KIND_NAMES, shown
 from .core.label_scoring import LabelScoring, ScoringRequest
 from .core.loop_bridge import EventStream, off_loop
 from .core.scheduler import QueueFull
@@ -330,7 +333,9 @@ class TransformersModelRepository(ModelRepository):
         )
 
     @staticmethod
-    def _raise_if_failed(loaded: LoadedModel, finish: FinishEvent, timeout_s: float) -> None:
+    def _raise_if_failed(
+        loaded: LoadedModel, finish: FinishEvent, timeout_s: float, guided: GuidedDecoding | None = None
+    ) -> None:
         if finish.reason is FinishReason.TIMEOUT:
             raise GenerationTimeoutError(
                 f"generation passed MAX_GENERATION_TIME={timeout_s:g}s (or the request's timeout) and was stopped; "
@@ -344,6 +349,13 @@ class TransformersModelRepository(ModelRepository):
                 f"the queue for {loaded.model_id!r} is full (MAX_QUEUE_SIZE={scheduler.max_queue_size}) and "
                 f"{finish.detail}; retry shortly"
             )
+        if finish.reason is FinishReason.UNWRITABLE and guided is not None:
+            # The grammar wants bytes no token of this vocabulary holds (a character its BPE never saw):
+            # no model output can satisfy it, so the request, not the server, is at fault.
+            raise InvalidRequestError(
+                f"{guided.field}: model {loaded.model_id!r}'s tokenizer cannot write the text this "
+                f"{KIND_NAMES[guided.kind]} requires ({finish.detail}), got {shown(guided.value)}"
+            )
         if not finish.reason.completed:
             raise GenerationError(f"generation with {loaded.model_id!r} failed: {finish.reason.value} {finish.detail}".strip())
 
@@ -356,7 +368,7 @@ class TransformersModelRepository(ModelRepository):
         started: float,
         first_token_at: float | None,
     ) -> Generation:
-        TransformersModelRepository._raise_if_failed(loaded, finish, params.timeout_s)
+        TransformersModelRepository._raise_if_failed(loaded, finish, params.timeout_s, params.guided)
         generation_time = time.perf_counter() - started
         GENERATION_SECONDS.labels(model=loaded.model_id).observe(generation_time)
         return Generation(

@@ -104,7 +104,7 @@ class StepOutput:
     logprobs: list[TokenLogprobs | None] | None = None  # likewise, when any of them asked for log probabilities
     # seq_id -> scored position -> the log probabilities of that ScoredPosition's tokens
     scores: dict[int, dict[int, tuple[float, ...]]] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)  # seq_id -> why its token cannot be used: it ends with ERROR
+    failed: dict[int, str] = field(default_factory=dict)  # seq_id -> why its grammar refused its token: it ends UNWRITABLE
 
 
 class Scheduler:
@@ -225,7 +225,7 @@ class Scheduler:
         logprobs = output.logprobs or [None] * len(step.sampled)
         for sequence, token_id, token_logprobs in zip(step.sampled, output.token_ids, logprobs):
             if sequence.seq_id in output.failed:
-                self._retire(sequence, FinishReason.ERROR, output.failed[sequence.seq_id])
+                self._retire(sequence, FinishReason.UNWRITABLE, output.failed[sequence.seq_id])
             else:
                 self._emit(sequence, token_id, token_logprobs, now)
 

@@ -24,6 +24,7 @@ class FinishReason(str, enum.Enum):
     UNLOADED = "unloaded"  # the model was unloaded under it
     REFUSED = "refused"  # dropped from a full queue for a request of higher priority
     ERROR = "error"  # a failed batch step, or a dead scheduler
+    UNWRITABLE = "unwritable"  # its grammar asked for text the model's tokenizer cannot write
 
     @property
     def completed(self) -> bool:

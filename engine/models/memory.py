@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -18,14 +17,12 @@ import torch
 from domain import InsufficientMemoryError
 from metrics import record_memory
 
+from .cgroup import cgroup_memory
+
 GIB = 1024**3
 MIB = 1024**2
 # Weights are most of a model's footprint; buffers, activations and allocator slack the rest.
 LOAD_OVERHEAD = 1.2
-
-
-CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
-CGROUP_USAGE = Path("/sys/fs/cgroup/memory.current")
 
 
 @dataclass(frozen=True)
@@ -49,16 +46,13 @@ class SystemMemory:
 
 
 def system_memory() -> SystemMemory:
-    """The machine's memory, or the container's when a cgroup limit is lower (psutil sees only the host)."""
+    """The machine's memory, or the process's cgroup's when its limit is lower (psutil sees only the host)."""
     host = psutil.virtual_memory()
-    try:
-        limit = int(CGROUP_LIMIT.read_text())  # "max" (no limit) fails here, and so does a missing cgroup v2
-        usage = int(CGROUP_USAGE.read_text())
-    except (OSError, ValueError):
+    group = cgroup_memory()
+    if group is None or group[0] >= host.total:
         return SystemMemory(host.total, host.available)
-    if limit >= host.total:
-        return SystemMemory(host.total, host.available)
-    return SystemMemory(limit, min(max(limit - usage, 0), host.available))
+    limit, working_set = group
+    return SystemMemory(limit, min(max(limit - working_set, 0), host.available))
 
 
 def _mib(value: float) -> float:

@@ -415,3 +415,19 @@ def test_a_grammar_that_cannot_compile_is_refused_naming_its_field(long_client, 
     with pytest.raises((openai.BadRequestError, openai.UnprocessableEntityError)) as refused:
         long_client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=50, **asked)
     assert refused.value.param == field and field in refused.value.message
+
+
+# A character of the Supplementary Private Use Area whose lead byte (0xF1) no token of SmolLM2's
+# byte-level vocabulary holds: no output can satisfy the grammar, found by the fuzz suite.
+UNWRITABLE = "\U00040000"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_grammar_the_tokenizer_cannot_write_is_refused_naming_its_field(long_client, stream):
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        answer = long_client.completions.create(
+            model=MODEL, prompt="0", max_tokens=8, stream=stream, extra_body={"guided_choice": [UNWRITABLE]}
+        )
+        list(answer) if stream else answer
+    assert refused.value.param == "guided_choice"
+    assert "tokenizer cannot write" in refused.value.message

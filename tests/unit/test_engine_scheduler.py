@@ -375,7 +375,7 @@ def test_a_scoring_request_computes_its_scored_positions_even_when_the_prefix_ca
     assert caller.events[0] == ScoreEvent((runner.score(position, (1,)),))
 
 
-def test_a_row_the_runner_fails_ends_alone_with_an_error():
+def test_a_row_whose_grammar_refuses_its_token_ends_alone_as_unwritable():
     class GrammarRefusing(ScriptedRunner):
         def execute(self, step: ScheduledStep) -> StepOutput:
             output = super().execute(step)
@@ -387,7 +387,7 @@ def test_a_row_the_runner_fails_ends_alone_with_an_error():
 
     step(into, GrammarRefusing())
 
-    assert refused.finish == FinishEvent(FinishReason.ERROR, 5, 0, 0, "the grammar refused token 1")
+    assert refused.finish == FinishEvent(FinishReason.UNWRITABLE, 5, 0, 0, "the grammar refused token 1")
     assert other.finish.reason is FinishReason.LENGTH and other.tokens == [ScriptedRunner.FILLER]
 
 

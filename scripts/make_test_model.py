@@ -60,7 +60,12 @@ def make_model(shape: str, out: Path, dtype: str, seed: int) -> None:
         pad_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # made in its dtype: the 3B shape in float32 first would take 12 GB
+    try:
+        model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     config.dtype = dtype
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

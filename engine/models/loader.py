@@ -36,6 +36,7 @@ from ..layers.tuning_cache import TuningCache, default_folder, host_key
 from . import quantization
 from .devices import dtype_for
 from .memory import MemoryLimits, check_room_for, estimate_footprint, release_freed_memory, weights_at_load
+from .weights import load_streamed
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -181,15 +182,11 @@ class ModelLoader:
         started = time.perf_counter()
         try:
             tokenizer = AutoTokenizer.from_pretrained(entry.path)
-            model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=dtype, device_map=device)
+            model, int8_layers = self._read_weights(entry, device, dtype, scheme)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             release_freed_memory()
             raise InsufficientMemoryError(f"out of memory while loading {entry.model_id!r} on {device}: {exc}") from exc
-        model.eval()
         fused_layers = fuse_decoder(model, load_kernels)
-        int8_layers = quantization.quantize_linear_layers(model) if scheme == quantization.INT8 else 0
-        if int8_layers:
-            release_freed_memory()  # the float32 weights the int8 layers replaced
         tuning = self._tune_linear_layers(entry.model_id, model)
         if not paged_attention.install(model):
             raise GenerationError(
@@ -210,6 +207,25 @@ class ModelLoader:
         return LoadedModel(
             entry.model_id, model, tokenizer, device, dtype, scheme, round(load_time, 3), memory_bytes, cache, core, tuning
         )
+
+    @staticmethod
+    def _read_weights(entry: CatalogEntry, device: str, dtype: torch.dtype, scheme: str) -> tuple[PreTrainedModel, int]:
+        """The model in eval mode, and how many of its linear layers are int8. On the CPU its weights
+        are read tensor by tensor (models/weights.py), int8 ones quantized as they are read."""
+        quantize = quantization.Int8Linear if scheme == quantization.INT8 else None
+        model = load_streamed(entry.path, dtype, quantize) if device == "cpu" else None
+        streamed = model is not None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(entry.path, dtype=dtype, device_map=device)
+            model.eval()
+        if quantize is None:
+            return model, 0
+        int8_layers = sum(isinstance(module, quantization.Int8Linear) for module in model.modules())
+        int8_layers += quantization.quantize_linear_layers(model)  # all of them, or a tied lm_head
+        if not streamed:
+            quantization.copy_off_the_weights_file(model)
+        release_freed_memory()  # the float32 weights the int8 layers replaced
+        return model, int8_layers
 
     def _tune_linear_layers(self, model_id: str, model: PreTrainedModel) -> TuningReport | None:
         """Each fp32 CPU linear layer on its fastest kernel per row count, as measured on this host.

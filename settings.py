@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     )
     max_queue_size: int = Field(256, ge=1, le=100_000, description="requests waiting per model; past it, 429")
     prefill_token_budget: int = Field(512, ge=16, le=65536, description="prompt tokens computed per batch step")
-    kv_cache_mb: int = Field(1024, ge=16, description="memory for each loaded model's KV cache (MiB)")
+    kv_cache_mb: int | None = Field(
+        None, ge=16, description="each loaded model's KV cache (MiB); unset: what the memory limits leave, up to 1024"
+    )
     # The response cache of deterministic requests (README, "Response cache").
     response_cache_size: int = Field(1024, ge=0, description="answers kept per worker without Redis; 0 = no cache")
     response_cache_ttl: float = Field(3600.0, ge=0.0, description="seconds a cached answer is served; 0 = no limit")

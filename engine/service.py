@@ -79,7 +79,7 @@ class GenerationEngine:
             max_batch_size=settings.max_batch_size,
             prefill_budget=settings.prefill_token_budget,
             batch_wait_s=settings.batch_wait_ms / 1000,
-            kv_cache_bytes=settings.kv_cache_mb * 2**20,
+            kv_cache_bytes=settings.kv_cache_mb * 2**20 if settings.kv_cache_mb else None,
             max_queue_size=settings.max_queue_size,
         )
         self.repository = TransformersModelRepository(

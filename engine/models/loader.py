@@ -35,13 +35,18 @@ from ..layers.tuned_linear import Choice, TuningReport, plan_model
 from ..layers.tuning_cache import TuningCache, default_folder, host_key
 from . import quantization
 from .devices import dtype_for
-from .memory import MemoryLimits, check_room_for, estimate_footprint, release_freed_memory, weights_at_load
+from .memory import MemoryLimits, check_room_for, estimate_footprint, release_freed_memory, room_left, weights_at_load
 from .weights import load_streamed
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # A model whose config does not say how long its context is.
 DEFAULT_CONTEXT_LENGTH = 2048
+# KV_CACHE_MB unset: the cache takes what the memory limits leave after the weights, up to this
+# (14k tokens of Qwen2.5-3B in float32), less room for a batch step's activations; below the least, the load fails.
+AUTO_KV_CACHE_MAX = 1 << 30
+LEAST_KV_CACHE = 16 << 20
+STEP_ACTIVATIONS = 256 << 20
 
 
 def now() -> datetime:
@@ -53,7 +58,7 @@ class BatchingOptions:
     max_batch_size: int = 32
     prefill_budget: int = 512
     batch_wait_s: float = 0.0
-    kv_cache_bytes: int = 1 << 30
+    kv_cache_bytes: int | None = None  # None: sized at load from the memory left (ModelLoader._kv_cache_size)
     max_queue_size: int = 256
 
 
@@ -193,7 +198,7 @@ class ModelLoader:
                 f"{type(model).__name__} does not route attention through transformers' attention interface, "
                 f"so the engine cannot batch it"
             )
-        cache = self._kv_cache(model, dtype, device)
+        cache = self._kv_cache(entry.model_id, model, dtype, device)
         core = self._engine_core(entry.model_id, model, tokenizer, cache)
         core.start()
         memory_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -237,12 +242,13 @@ class ModelLoader:
             if planned is None:
                 return None
             copies = planned.copies_bytes
-            if not copies or self._room_for(model_id, copies + self._batching.kv_cache_bytes):
+            kv_cache = self._batching.kv_cache_bytes or AUTO_KV_CACHE_MAX
+            if not copies or self._room_for(model_id, copies + kv_cache):
                 break
             logger.warning(
                 "%s: no room for %.0f MB of weight copies beside a %.0f MB KV cache within MAX_MEMORY_USAGE and "
                 "MIN_MEMORY_GB; its linear layers use their weights in place (as LINEAR_KERNELS=in_place)",
-                model_id, copies / 2**20, self._batching.kv_cache_bytes / 2**20,
+                model_id, copies / 2**20, kv_cache / 2**20,
             )
         report = planned.install()
         logger.info(
@@ -275,15 +281,28 @@ class ModelLoader:
         read_bytes = weights_at_load(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
         kept_bytes = quantization.resident_weights_bytes(scheme, entry.path, entry.metadata, read_bytes)
         transient_bytes = read_bytes if scheme == quantization.INT8 else 0  # the read, beside its int8 copy
-        return estimate_footprint(kept_bytes, self._batching.kv_cache_bytes, transient_bytes)
+        return estimate_footprint(kept_bytes, self._batching.kv_cache_bytes or LEAST_KV_CACHE, transient_bytes)
 
-    def _kv_cache(self, model: PreTrainedModel, dtype: torch.dtype, device: str) -> PagedKVCache:
+    def _kv_cache(self, model_id: str, model: PreTrainedModel, dtype: torch.dtype, device: str) -> PagedKVCache:
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         per_token = PagedKVCache.bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, dtype)
-        blocks = max(1, self._batching.kv_cache_bytes // (per_token * BLOCK_SIZE))
+        blocks = max(1, self._kv_cache_size(model_id, device) // (per_token * BLOCK_SIZE))
         return PagedKVCache(config.num_hidden_layers, kv_heads, head_dim, blocks, dtype, device)
+
+    def _kv_cache_size(self, model_id: str, device: str) -> int:
+        """KV_CACHE_MB, or what the memory limits leave now that the weights are in, up to AUTO_KV_CACHE_MAX."""
+        if self._batching.kv_cache_bytes is not None:
+            return self._batching.kv_cache_bytes
+        room = room_left(device, self._memory_limits) - STEP_ACTIVATIONS
+        if room < LEAST_KV_CACHE:
+            raise InsufficientMemoryError(
+                f"loading {model_id!r}: its weights leave {max(room, 0) / 2**20:.0f} MB for a KV cache within "
+                f"MAX_MEMORY_USAGE and MIN_MEMORY_GB, below the {LEAST_KV_CACHE >> 20} MB it needs; "
+                f"unload a model, add memory, or lower MIN_MEMORY_GB"
+            )
+        return min(room, AUTO_KV_CACHE_MAX)
 
     def _engine_core(
         self, model_id: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: PagedKVCache

@@ -168,16 +168,25 @@ def estimate_footprint(weights_bytes: int, kv_cache_bytes: int, transient_bytes:
     return max(during_load, int(weights_bytes * LOAD_OVERHEAD) + kv_cache_bytes)
 
 
-def check_room_for(model_id: str, footprint: int, device: str, limits: MemoryLimits) -> None:
-    """Refuses a load that would break MIN_MEMORY_GB or MAX_MEMORY_USAGE, before it starts."""
+def room_left(device: str, limits: MemoryLimits) -> int:
+    """What may still be allocated on `device` (negative when over): on the CPU, within both
+    MIN_MEMORY_GB and MAX_MEMORY_USAGE; on CUDA, within the free memory and GPU_MEMORY_FRACTION."""
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         free, total = torch.cuda.mem_get_info(index)
-        allowed = total * limits.gpu_memory_fraction - torch.cuda.memory_reserved(index)
-        if footprint > min(free, allowed):
+        return int(min(free, total * limits.gpu_memory_fraction - torch.cuda.memory_reserved(index)))
+    system = system_memory()
+    return int(min(system.available - limits.min_free_gb * GIB, system.total * limits.max_usage_fraction - (system.total - system.available)))
+
+
+def check_room_for(model_id: str, footprint: int, device: str, limits: MemoryLimits) -> None:
+    """Refuses a load that would break MIN_MEMORY_GB or MAX_MEMORY_USAGE, before it starts."""
+    if device.startswith("cuda"):
+        room = room_left(device, limits)
+        if footprint > room:
             raise InsufficientMemoryError(
                 f"loading {model_id!r} needs about {footprint / GIB:.2f} GB on {device}; "
-                f"{min(free, allowed) / GIB:.2f} GB is free within GPU_MEMORY_FRACTION={limits.gpu_memory_fraction}"
+                f"{max(room, 0) / GIB:.2f} GB is free within GPU_MEMORY_FRACTION={limits.gpu_memory_fraction}"
             )
         return
     system = system_memory()

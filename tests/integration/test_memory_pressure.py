@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from domain import GenerationParams, InsufficientMemoryError, PromptBuilder
-from engine.models.loader import BatchingOptions
+from engine.models.loader import AUTO_KV_CACHE_MAX, STEP_ACTIVATIONS, BatchingOptions
 from engine.models.memory import GIB, system_memory
 from engine.repository import TransformersModelRepository
 from metrics import EVICTIONS
@@ -92,3 +92,32 @@ def test_a_model_with_a_request_in_flight_is_never_unloaded_for_room(tight, limi
 
     assert "no idle model could be unloaded to make room" in str(refused)
     assert tight.loaded(BUNDLED_MODEL_ID) is not None and tight.loaded(TINY_QWEN_ID) is None
+
+
+@pytest.fixture
+def auto_kv(tiny_qwen_dir, executor, limits):
+    """KV_CACHE_MB unset: each load sizes its cache from the memory left."""
+    repository = TransformersModelRepository(DirectoryCatalog({TINY_QWEN_ID: tiny_qwen_dir}), executor, limits)
+    yield repository
+    repository.unload_blocking(TINY_QWEN_ID)
+
+
+def test_unset_kv_cache_mb_takes_its_most_where_memory_is_plentiful(auto_kv):
+    loaded = run(auto_kv.load_model(TINY_QWEN_ID, "cpu"))
+    cache = auto_kv.loaded(TINY_QWEN_ID).cache
+    assert loaded.is_loaded and AUTO_KV_CACHE_MAX - cache.size_bytes < 2**20  # whole blocks of it
+
+
+def test_unset_kv_cache_mb_takes_what_min_memory_gb_leaves(auto_kv, limits):
+    # Room for the tiny weights and about 200 MB of KV cache beyond a step's activations.
+    limits.min_free_gb = (system_memory().available - STEP_ACTIVATIONS - 200 * 2**20) / GIB
+    run(auto_kv.load_model(TINY_QWEN_ID, "cpu"))
+    kv_cache_mb = auto_kv.loaded(TINY_QWEN_ID).cache.size_bytes / 2**20
+    assert 100 < kv_cache_mb < 200, kv_cache_mb
+
+
+def test_a_load_that_leaves_no_room_for_a_kv_cache_fails_naming_the_limits(auto_kv, limits):
+    limits.min_free_gb = (system_memory().available - STEP_ACTIVATIONS - 2**20) / GIB
+    with pytest.raises(InsufficientMemoryError, match=r"for a KV cache within MAX_MEMORY_USAGE and MIN_MEMORY_GB"):
+        run(auto_kv.load_model(TINY_QWEN_ID, "cpu"))
+    assert auto_kv.loaded(TINY_QWEN_ID) is None

@@ -2,10 +2,13 @@
 
 Each case loads a store model in a fresh process with the engine's own loader, as the engine does
 (weights, fused layers, int8, the linear kernels' plans and weight copies, the KV cache, the engine
-core), and prints the estimate the guard checks (`ModelLoader.footprint`) beside the peak resident
-memory the load added (ru_maxrss less the RSS before it) and what stays once it is loaded.
+core), and prints what the loader's memory checks count (the guard's `ModelLoader.footprint`, and
+the linear kernels' weight copies it admits once the weights are in) beside the peak resident memory
+the load added (ru_maxrss less the RSS before it) with the KV cache filled, as serving fills it (its
+pages are not resident until written), and what stays.
 
     python scripts/footprint.py [--model smollm2-135m-instruct] [--quantization none int8] [--kv-cache-mb 1024]
+    python scripts/footprint.py --model qwen-model_full      # scripts/full_size.py imports it
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ def measure(model_id: str, quantization: str, kv_cache_mb: int) -> dict[str, flo
     estimate = loader.footprint(entry, "cpu")
     before = process.memory_info().rss
     loaded = loader.load(entry, "cpu")
+    for layer in loaded.cache.keys + loaded.cache.values:
+        layer.fill_(1.0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     settled = process.memory_info().rss
     loaded.core.stop(FinishReason.UNLOADED)
     return {
-        "estimate_mb": estimate / MIB,
+        "estimate_mb": (estimate + (loaded.linear_kernels.copies_bytes if loaded.linear_kernels else 0)) / MIB,
         "peak_mb": (peak - before) / MIB,
         "settled_mb": (settled - before) / MIB,
         "reported_mb": loaded.memory_bytes / MIB + loaded.cache.size_bytes / MIB,

@@ -51,8 +51,14 @@ class RowSlice(torch.nn.Module):
         return f"{self._fused_name}[{self.start}:{self.end}]"
 
 
-def fused_linear(layers: list[torch.nn.Linear]) -> torch.nn.Linear:
-    """One Linear whose output is the layers' outputs side by side."""
+def fused_linear(layers: list[torch.nn.Module]) -> torch.nn.Module:
+    """One layer whose output is the layers' outputs side by side. Layers of another kind than
+    Linear fuse by their class's own `fused` (int8 layers quantized as they were read)."""
+    kind = type(layers[0])
+    if kind is not torch.nn.Linear:
+        if not hasattr(kind, "fused") or any(type(layer) is not kind for layer in layers):
+            raise ValueError(f"cannot fuse {', '.join(type(layer).__name__ for layer in layers)}")
+        return kind.fused(layers)
     with_bias = [layer.bias is not None for layer in layers]
     if any(with_bias) and not all(with_bias):
         raise ValueError("fused layers must all have a bias or none")
@@ -140,9 +146,12 @@ def can_fuse(model: torch.nn.Module) -> bool:
     )
 
 
-def fuse_decoder(model: torch.nn.Module, build_kernels: Callable[[], ModuleType | None]) -> int:
+def fuse_decoder(
+    model: torch.nn.Module, build_kernels: Callable[[], ModuleType | None], after_each_layer: Callable[[], object] = bool
+) -> int:
     """Fuses the decoder layers of a fusable fp32 CPU model; returns how many (0: left as it was,
-    also where the kernels cannot be built)."""
+    also where the kernels cannot be built). `after_each_layer` runs once a layer's projections are
+    fused, while the ones they replaced are freed (the loader hands their heap back there)."""
     if not can_fuse(model):
         return 0
     kernels = build_kernels()
@@ -156,6 +165,7 @@ def fuse_decoder(model: torch.nn.Module, build_kernels: Callable[[], ModuleType 
         swap_class(attention, FusedAttention)
         replace_with_fused(mlp, ["gate_proj", "up_proj"], "gate_up_proj")
         swap_class(mlp, FusedMLP)
+        after_each_layer()
     norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
     for norm in (*norms, model.model.norm):
         norm.kernels = kernels

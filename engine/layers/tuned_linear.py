@@ -176,9 +176,16 @@ def time_plan(
     if candidates == [Kernel.MKL]:
         return (Kernel.MKL,) * len(ROW_BUCKETS)
     weight_bytes = layers[0].weight.numel() * 4
-    timed = layers[: max(1, -(-TIMED_BYTES // weight_bytes))]
+    if weight_bytes > TIMED_BYTES:
+        # One weight past it (a large vocabulary's lm_head: 1.2 GB for Qwen2.5-3B) is timed on its
+        # leading rows: a copy per candidate of all of it would be a transient of several GB.
+        rows = TIMED_BYTES // (layers[0].in_features * 4)
+        bias = layers[0].bias
+        timed = [(layers[0].weight[:rows], bias[:rows] if bias is not None else None)]
+    else:
+        timed = [(layer.weight, layer.bias) for layer in layers[: -(-TIMED_BYTES // weight_bytes)]]
     copies = {
-        kernel: [weight_copy(kernel, layer.weight, kernels) for layer in timed]
+        kernel: [weight_copy(kernel, weight, kernels) for weight, _ in timed]
         for kernel in candidates
         if kernel.copies_weight
     }
@@ -189,9 +196,9 @@ def time_plan(
         for round_ in range(rounds + 1):  # the first round warms up and is not counted
             for kernel in candidates:
                 started = time.perf_counter()
-                for index, layer in enumerate(timed):
+                for index, (weight, bias) in enumerate(timed):
                     copy = copies[kernel][index] if kernel in copies else None
-                    run_kernel(kernel, x, layer.weight, layer.bias, copy, kernels)
+                    run_kernel(kernel, x, weight, bias, copy, kernels)
                 if round_:
                     spent[kernel].append(time.perf_counter() - started)
         median = {kernel: statistics.median(times) for kernel, times in spent.items()}

@@ -35,8 +35,16 @@ from ..layers.tuned_linear import Choice, TuningReport, plan_model
 from ..layers.tuning_cache import TuningCache, default_folder, host_key
 from . import quantization
 from .devices import dtype_for
-from .memory import MemoryLimits, check_room_for, estimate_footprint, release_freed_memory, room_left, weights_at_load
-from .weights import load_streamed
+from .memory import (
+    MemoryLimits,
+    check_room_for,
+    estimate_footprint,
+    release_freed_memory,
+    room_left,
+    trim_heap,
+    weights_at_load,
+)
+from .weights import largest_tensor_bytes, load_streamed
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,7 +199,7 @@ class ModelLoader:
         except (torch.OutOfMemoryError, MemoryError) as exc:
             release_freed_memory()
             raise InsufficientMemoryError(f"out of memory while loading {entry.model_id!r} on {device}: {exc}") from exc
-        fused_layers = fuse_decoder(model, load_kernels)
+        fused_layers = fuse_decoder(model, load_kernels, trim_heap)
         tuning = self._tune_linear_layers(entry.model_id, model)
         if not paged_attention.install(model):
             raise GenerationError(
@@ -274,13 +282,20 @@ class ModelLoader:
         return True
 
     def footprint(self, entry: CatalogEntry, device: str) -> int:
-        """The most memory a load of the model is estimated to hold at once."""
+        """The most memory a load of the model is estimated to hold at once (scripts/footprint.py
+        measures it against real loads)."""
         dtype = dtype_for(device, self._dtype_setting)
         scheme = quantization.effective_quantization(self._quantization_setting, device)
         files_size = sum(p.stat().st_size for p in Path(entry.path).glob("*") if p.is_file())
         read_bytes = weights_at_load(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
         kept_bytes = quantization.resident_weights_bytes(scheme, entry.path, entry.metadata, read_bytes)
-        transient_bytes = read_bytes if scheme == quantization.INT8 else 0  # the read, beside its int8 copy
+        largest = largest_tensor_bytes(Path(entry.path)) if device == "cpu" else None
+        if device != "cpu":  # the file is read through host memory
+            transient_bytes = 0
+        elif largest is not None:  # streamed: one tensor as read at a time
+            transient_bytes = largest
+        else:  # from_pretrained: the mapped file, and an int8 load's float32 weights beside their int8 copies
+            transient_bytes = files_size + (read_bytes if scheme == quantization.INT8 else 0)
         return estimate_footprint(kept_bytes, self._batching.kv_cache_bytes or LEAST_KV_CACHE, transient_bytes)
 
     def _kv_cache(self, model_id: str, model: PreTrainedModel, dtype: torch.dtype, device: str) -> PagedKVCache:

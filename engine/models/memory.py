@@ -21,8 +21,9 @@ from .cgroup import cgroup_memory
 
 GIB = 1024**3
 MIB = 1024**2
-# Weights are most of a model's footprint; buffers, activations and allocator slack the rest.
-LOAD_OVERHEAD = 1.2
+# Beside its weights a load holds buffers and allocator slack: 1.5% for Qwen2.5-3B in float32, 12%
+# for it in int8 (the freed float32 heap not all handed back); BENCHMARKS.md, "Memory".
+LOAD_OVERHEAD = 1.05
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,13 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
 
 
+def trim_heap() -> None:
+    """Freed heap pages handed back to the OS: glibc keeps them, so RSS does not fall after a free
+    (a load that frees as it goes, calling this now and then, peaks near what it keeps)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def release_freed_memory() -> dict[str, Any]:
     """Forced garbage collection, accelerator cache clearing, and freed heap handed back to the OS."""
     before = psutil.Process().memory_info().rss
@@ -106,9 +114,7 @@ def release_freed_memory() -> dict[str, Any]:
     mps = getattr(torch, "mps", None)
     if mps is not None and torch.backends.mps.is_available():
         mps.empty_cache()
-    if sys.platform.startswith("linux"):
-        # glibc keeps freed heap pages; without this RSS does not fall after an unload.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()  # without it RSS does not fall after an unload
     after = psutil.Process().memory_info().rss
     return {
         "gc_collected_objects": collected,
@@ -161,11 +167,9 @@ def weights_at_load(metadata: dict[str, Any], bytes_per_parameter: int, files_si
 
 
 def estimate_footprint(weights_bytes: int, kv_cache_bytes: int, transient_bytes: int = 0) -> int:
-    """The most a load holds at once. `transient_bytes` is held only before the KV cache exists: a
-    quantized model's weights as read, which stay beside their int8 copies until quantizing ends
-    (BENCHMARKS.md, "Quantization": the int8 load's peak)."""
-    during_load = int((weights_bytes + transient_bytes) * LOAD_OVERHEAD)
-    return max(during_load, int(weights_bytes * LOAD_OVERHEAD) + kv_cache_bytes)
+    """The most a load holds at once: its weights, and either what loading holds beside them for a
+    while (`transient_bytes`: the tensor being read, or a mapped weights file) or, after, the KV cache."""
+    return int(weights_bytes * LOAD_OVERHEAD) + max(transient_bytes, kv_cache_bytes)
 
 
 def room_left(device: str, limits: MemoryLimits) -> int:

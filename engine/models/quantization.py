@@ -64,6 +64,21 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", scales.view(-1))
         self.bias = linear.bias
 
+    @classmethod
+    def fused(cls, layers: list[Int8Linear]) -> Int8Linear:
+        """The layers' outputs side by side. Exact: each output row has its own scale, so this is
+        what quantizing the fused float weight would give."""
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = layers[0].in_features, sum(layer.out_features for layer in layers)
+        fused.register_buffer("weight", torch.cat([layer.weight for layer in layers]))
+        fused.register_buffer("weight_scale", torch.cat([layer.weight_scale for layer in layers]))
+        biases = [layer.bias for layer in layers]
+        if any(bias is not None for bias in biases) and not all(bias is not None for bias in biases):
+            raise ValueError("fused layers must all have a bias or none")
+        fused.bias = torch.nn.Parameter(torch.cat(biases), requires_grad=False) if biases[0] is not None else None
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         scales = row_scales(rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,14 +15,15 @@ import torch
 from domain import GenerationParams, PromptBuilder
 from engine.layers.tuned_linear import TunedLinear
 from engine.models import quantization
-from engine.models.loader import BatchingOptions
-from engine.models.memory import LOAD_OVERHEAD, estimate_footprint, release_freed_memory, weights_at_load
+from engine.models.loader import BatchingOptions, ModelLoader
+from engine.models.memory import LOAD_OVERHEAD, release_freed_memory, weights_at_load
 from engine.models.quantization import (
     Int8Linear,
     effective_quantization,
     quantize_linear_layers,
     resident_weights_bytes,
 )
+from engine.models.weights import largest_tensor_bytes
 from engine.repository import TransformersModelRepository
 
 from .support import BUNDLED_MODEL_ID, ROOMY, DirectoryCatalog
@@ -128,21 +130,24 @@ def test_the_process_keeps_the_int8_weights_and_lets_the_float32_ones_go(int8_en
     assert growth < 0.75 * float32_bytes
 
 
-def test_the_memory_guard_estimates_the_int8_weights_and_the_float32_read_beside_them(int8_engine):
+def test_the_memory_guard_counts_the_int8_weights_and_one_tensor_read_at_a_time(int8_engine):
+    """Weights are quantized as they are read (models/weights.py): beside the int8 weights a load
+    holds one tensor as read, never the float32 model. scripts/footprint.py measures the estimate."""
     entry = DirectoryCatalog({}).get(BUNDLED_MODEL_ID)
     loaded = int8_engine.loaded(BUNDLED_MODEL_ID)
     read = weights_at_load(entry.metadata, 4, files_size=0)
     kept = resident_weights_bytes("int8", entry.path, entry.metadata, read)
-    kv_cache = 2**30  # KV_CACHE_MB's default
-
+    largest = largest_tensor_bytes(Path(entry.path))
     assert kept == pytest.approx(loaded.memory_bytes, rel=0.02)
-    float32_footprint = estimate_footprint(read, kv_cache)
-    int8_footprint = estimate_footprint(kept, kv_cache, transient_bytes=read)
-    assert float32_footprint == int(read * LOAD_OVERHEAD) + kv_cache
-    assert int8_footprint == int(kept * LOAD_OVERHEAD) + kv_cache
-    assert int8_footprint < float32_footprint - 0.5 * read
-    # With a small KV cache the peak is the float32 read beside its int8 copy.
-    assert estimate_footprint(kept, 64 * 2**20, transient_bytes=read) == int((read + kept) * LOAD_OVERHEAD)
+
+    def footprint(quantization: str, kv_cache: int) -> int:
+        loader = ModelLoader(ROOMY, "float32", quantization, BatchingOptions(kv_cache_bytes=kv_cache))
+        return loader.footprint(entry, "cpu")
+
+    assert footprint("int8", 2**30) == int(kept * LOAD_OVERHEAD) + 2**30
+    assert footprint("int8", 16 * 2**20) == int(kept * LOAD_OVERHEAD) + largest  # the embeddings as read
+    assert footprint("none", 2**30) == int(read * LOAD_OVERHEAD) + 2**30
+    assert footprint("int8", 2**30) < footprint("none", 2**30) - 0.5 * read
 
 
 def test_eight_concurrent_sequences_through_the_scheduler_keep_their_answers(int8_engine):

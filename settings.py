@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     preload_default_model: bool = Field(True, description="load the default model at start-up")
     auto_load_models: bool = Field(True, description="load a model on its first request")
     model_idle_timeout: float = Field(0.0, ge=0.0, description="seconds unused before a model is unloaded; 0 = never")
-    model_dtype: str = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA and MPS")
+    model_dtype: str = Field("auto", description="auto: bfloat16 on CUDA and MPS, and on a CPU with native bf16 for a bf16 checkpoint; else float32")
     quantization: str = Field("none", description="int8: int8 Linear layers on the CPU (CUDA and MPS ignore it)")
     linear_kernels: Literal["tuned", "in_place", "mkl"] = Field(
         "tuned",

@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--workload", type=int, default=64, help="long requests (0: none)")
     parser.add_argument("--quantization", default="none", choices=["none", "int8"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="MODEL_DTYPE")
     args = parser.parse_args()
 
     use_the_checkout_in_process()
@@ -78,12 +79,12 @@ def main() -> None:
     model_id = settings.default_model_id
     entry = BentoModelStoreCatalog().entries()[model_id]
     limits = MemoryLimits(max_usage_fraction=0.95, min_free_gb=0.5, gpu_memory_fraction=0.8)
-    loader = ModelLoader(limits, "float32", args.quantization, BatchingOptions(kv_cache_bytes=2 << 30))
+    loader = ModelLoader(limits, args.dtype, args.quantization, BatchingOptions(kv_cache_bytes=2 << 30))
     loaded = loader.load(entry, "cpu")
     loaded.core.stop()  # this process drives the scheduler and runner itself
     model, cache = loaded.model, loaded.cache
     print(f"host: {cpu_description(read_cpuinfo())[0]}, {torch.get_num_threads()} threads; model {model_id}, "
-          f"fp32, quantization {args.quantization}, {loaded.load_time_s:.1f} s to load")
+          f"{args.dtype}, quantization {args.quantization}, {loaded.load_time_s:.1f} s to load")
 
     def engine(max_batch_size: int) -> tuple[Scheduler, ModelRunner]:
         blocks = BlockManager(cache.num_blocks)
@@ -112,8 +113,13 @@ def main() -> None:
         for _ in range(rows):
             submit(scheduler, list(range(token, token + args.context)), args.steps + 10)
             token += args.context
-        while step(scheduler, runner)[0].prefilling:
-            pass
+        prefill_s = 0.0
+        while True:
+            planned, spent = step(scheduler, runner)
+            if not planned.prefilling:
+                break
+            prefill_s += spent
+        print(f"prefill, {rows} prompts of {args.context} tokens: {rows * args.context / prefill_s:.0f} tokens/s")
         for _ in range(3):
             step(scheduler, runner)
         if module_times:

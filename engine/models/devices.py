@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
 from domain import DeviceNotAvailableError, InvalidRequestError
 from settings import DEVICE_NAMES, DEVICE_PATTERN
+
+from ..layers.kernels import cpu_description, read_cpuinfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,11 +44,36 @@ def resolve_device(requested: str) -> str:
     return device
 
 
-def dtype_for(device: str, setting: str) -> torch.dtype:
-    """fp32 on the CPU (CPUs without bf16 matrix units run bf16 several times slower); bf16 on accelerators."""
+# CPU flags of instructions that compute bf16 products natively; without them oneDNN emulates bf16
+# in fp32 and it runs several times slower than fp32 itself.
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def cpu_computes_bf16() -> bool:
+    return bool(NATIVE_BF16_FLAGS & cpu_description(read_cpuinfo())[1])
+
+
+def stored_dtype(model_dir: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint's config says its weights are in, where it says one this knows."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return DTYPES.get(name) if isinstance(name, str) else None
+
+
+def dtype_for(device: str, setting: str, stored: torch.dtype | None = None) -> torch.dtype:
+    """MODEL_DTYPE's dtype; `auto` is bf16 on accelerators, and on the CPU fp32, except a bf16
+    checkpoint (`stored`) where the CPU computes bf16 natively. There bf16 is faster than fp32
+    (Qwen2.5-3B's shape: prefill 3.5x, decode 1.35-1.6x; BENCHMARKS.md, "Memory") and halves the
+    memory, and fp32 would not make the weights any more exact. An fp32 checkpoint stays fp32: on
+    the bundled SmolLM2, bf16 changes 12% of greedy answers (BENCHMARKS.md, "int8 or bf16")."""
     if setting != "auto":
         return DTYPES[setting]
-    return torch.float32 if device == "cpu" else torch.bfloat16
+    if device != "cpu":
+        return torch.bfloat16
+    return torch.bfloat16 if stored == torch.bfloat16 and cpu_computes_bf16() else torch.float32
 
 
 def usable_cpus() -> int:

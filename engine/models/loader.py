@@ -34,7 +34,7 @@ from ..layers.kernels import load_kernels
 from ..layers.tuned_linear import Choice, TuningReport, plan_model
 from ..layers.tuning_cache import TuningCache, default_folder, host_key
 from . import quantization
-from .devices import dtype_for
+from .devices import dtype_for, stored_dtype
 from .memory import (
     MemoryLimits,
     check_room_for,
@@ -188,8 +188,8 @@ class ModelLoader:
         return on_a_thread_of_its_own(lambda: self._load(entry, device))
 
     def _load(self, entry: CatalogEntry, device: str) -> LoadedModel:
-        dtype = dtype_for(device, self._dtype_setting)
         scheme = quantization.effective_quantization(self._quantization_setting, device)
+        dtype = self._dtype(entry, device, scheme)
         check_room_for(entry.model_id, self.footprint(entry, device), device, self._memory_limits)
         logger.info("loading %s on %s as %s, quantization %s", entry.model_id, device, dtype, scheme)
         started = time.perf_counter()
@@ -273,6 +273,11 @@ class ModelLoader:
             return False
         return True
 
+    def _dtype(self, entry: CatalogEntry, device: str, scheme: str) -> torch.dtype:
+        """int8 layers compute from fp32 activations: an int8 load never takes a bf16 checkpoint's bf16."""
+        stored = stored_dtype(entry.path) if scheme != quantization.INT8 else None
+        return dtype_for(device, self._dtype_setting, stored)
+
     def fits(self, entry: CatalogEntry, device: str) -> bool:
         """Whether a load of the model would pass its memory check now."""
         try:
@@ -284,8 +289,8 @@ class ModelLoader:
     def footprint(self, entry: CatalogEntry, device: str) -> int:
         """The most memory a load of the model is estimated to hold at once (scripts/footprint.py
         measures it against real loads)."""
-        dtype = dtype_for(device, self._dtype_setting)
         scheme = quantization.effective_quantization(self._quantization_setting, device)
+        dtype = self._dtype(entry, device, scheme)
         files_size = sum(p.stat().st_size for p in Path(entry.path).glob("*") if p.is_file())
         read_bytes = weights_at_load(entry.metadata, torch.finfo(dtype).bits // 8, files_size)
         kept_bytes = quantization.resident_weights_bytes(scheme, entry.path, entry.metadata, read_bytes)

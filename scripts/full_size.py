@@ -248,7 +248,12 @@ def report(found: dict[str, object], limit_bytes: int) -> None:
         print(f"not ready: {found['refused']}")
         return
     usage = found["memory_usage"]
-    loaded = [model for model in found["models"].get("models", []) if model.get("loaded")]
+    shown = ("loaded_dtype", "quantization", "kv_cache_mb", "memory_mb")
+    loaded = [
+        {"id": model["id"], **{key: (model["metadata"] or {}).get(key) for key in shown}}
+        for model in found["models"]["models"]
+        if model["is_loaded"]
+    ]
     print(f"/readyz 200 after {found['ready_s']:.1f} s; settled RSS {found['settled_rss'] / GIB:.2f} GiB")
     print(f"/memory-usage: {usage}")
     print(f"/models (loaded): {loaded}")

@@ -180,7 +180,9 @@ def room_left(device: str, limits: MemoryLimits) -> int:
         free, total = torch.cuda.mem_get_info(index)
         return int(min(free, total * limits.gpu_memory_fraction - torch.cuda.memory_reserved(index)))
     system = system_memory()
-    return int(min(system.available - limits.min_free_gb * GIB, system.total * limits.max_usage_fraction - (system.total - system.available)))
+    above_min_free = system.available - limits.min_free_gb * GIB
+    below_max_usage = system.total * limits.max_usage_fraction - (system.total - system.available)
+    return int(min(above_min_free, below_max_usage))
 
 
 def check_room_for(model_id: str, footprint: int, device: str, limits: MemoryLimits) -> None:

@@ -103,7 +103,9 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
 
 
-def load_streamed(model_dir: str, dtype: torch.dtype, quantize: LinearQuantizer | None = None) -> PreTrainedModel | None:
+def load_streamed(
+    model_dir: str, dtype: torch.dtype, quantize: LinearQuantizer | None = None
+) -> PreTrainedModel | None:
     """The model with its weights read tensor by tensor, each floating tensor in `dtype`; with
     `quantize`, every Linear is replaced by quantize(linear) as soon as its weight is read (a tied
     lm_head, which has no weight of its own in the file, is left to the caller). None where the

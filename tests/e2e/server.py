@@ -63,7 +63,9 @@ def launch(
 
     The address comes from HOST and PORT, as in the container image, rather than from flags."""
     port = free_port()
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **(env or {})}
+    # The answers these tests expect are the bundled model's greedy fp32 answers on the CPU; on a GPU
+    # machine DEVICE_TYPE=auto would serve it in bf16 on CUDA, worded otherwise. A test may set it.
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "DEVICE_TYPE": "cpu", **(env or {})}
     env["BENTOML_HOME"] = str(own_home(Path(env["BENTOML_HOME"]), log_path.parent))
     log = log_path.open("w")
     command = [BENTOML, "serve", target]

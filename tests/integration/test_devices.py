@@ -34,7 +34,9 @@ def bf16_checkpoint(tiny_qwen_dir, tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("cpuinfo, expected", [(NATIVE, torch.bfloat16), (EMULATED, torch.float32)], ids=["native", "emulated"])
+@pytest.mark.parametrize(
+    "cpuinfo, expected", [(NATIVE, torch.bfloat16), (EMULATED, torch.float32)], ids=["native", "emulated"]
+)
 def test_auto_takes_a_bf16_checkpoints_dtype_only_where_the_cpu_computes_bf16(monkeypatch, cpuinfo, expected):
     monkeypatch.setattr(devices, "read_cpuinfo", lambda: cpuinfo)
     assert dtype_for("cpu", "auto", torch.bfloat16) == expected

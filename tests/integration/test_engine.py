@@ -23,6 +23,7 @@ from domain import (
     ModelNotLoadedError,
     PromptBuilder,
 )
+from engine.models.devices import available_devices
 from engine.models.memory import MemoryLimits, SystemMemory, system_memory
 from engine.models.watchdog import MemoryWatchdog
 from engine.repository import TransformersModelRepository
@@ -64,9 +65,10 @@ def test_context_passages_reach_the_model(repository):
 
 def test_load_unload_reload_reports_state(repository):
     loaded = run(repository.load_model(BUNDLED_MODEL_ID, "auto"))
-    assert loaded.is_loaded and loaded.device == "cpu"
+    device = available_devices()[0]  # auto: cuda, then mps, then cpu; bf16 on an accelerator, else fp32 as stored
+    assert loaded.is_loaded and loaded.device == device
     assert loaded.metadata["load_time_s"] > 0
-    assert loaded.metadata["loaded_dtype"] == "float32"
+    assert loaded.metadata["loaded_dtype"] == ("float32" if device == "cpu" else "bfloat16")
     assert loaded.metadata["quantization"] == "none"
     unloaded = run(repository.unload_model(BUNDLED_MODEL_ID))
     assert not unloaded.is_loaded and unloaded.device == "none"

@@ -95,6 +95,11 @@ class Prompt:
         return cls(cls.from_list(data["messages"]).messages, data["text"])
 
 
+# Which limit a request's deadline is (GenerationLimits.deadline): its 504 names that one.
+REQUEST_TIMEOUT = "timeout"
+MAX_GENERATION_TIME = "MAX_GENERATION_TIME"
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int
@@ -108,6 +113,7 @@ class GenerationParams:
     logprobs: int | None = None  # None: none; k: each token's log probability and the k likeliest alternatives
     priority: int = 0  # lower runs first
     guided: GuidedDecoding | None = None
+    timeout_by: str = MAX_GENERATION_TIME  # which limit timeout_s is: the caller's `timeout`, or the server's
 
     @property
     def greedy(self) -> bool:
@@ -146,10 +152,17 @@ class GenerationLimits:
         priority: int | str | None,
         field: str = "labels",
     ) -> ClassifyParams:
+        timeout, timeout_by = self.deadline(timeout_s)
+        return ClassifyParams(check_labels(labels, field), timeout, priority_value(priority), field, timeout_by)
+
+    def deadline(self, timeout_s: float | None) -> tuple[float, str]:
+        """The seconds a request may run and which limit that is: its own `timeout` where it is the
+        shorter, else MAX_GENERATION_TIME."""
         if timeout_s is not None and timeout_s <= 0:
             raise InvalidRequestError(f"timeout: must be more than 0 seconds, got {timeout_s}")
-        timeout = self.max_generation_time_s if timeout_s is None else min(timeout_s, self.max_generation_time_s)
-        return ClassifyParams(check_labels(labels, field), timeout, priority_value(priority), field)
+        if timeout_s is not None and timeout_s <= self.max_generation_time_s:
+            return timeout_s, REQUEST_TIMEOUT
+        return self.max_generation_time_s, MAX_GENERATION_TIME
 
     def params_for(
         self,
@@ -169,8 +182,7 @@ class GenerationLimits:
             raise InvalidRequestError(f"max_length: must be at least 1, got {max_length}")
         if temperature is not None and not 0.0 <= temperature <= MAX_TEMPERATURE:
             raise InvalidRequestError(f"temperature: must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}")
-        if timeout_s is not None and timeout_s <= 0:
-            raise InvalidRequestError(f"timeout: must be more than 0 seconds, got {timeout_s}")
+        timeout, timeout_by = self.deadline(timeout_s)
         if top_p is not None and not 0.0 <= top_p <= 1.0:
             raise InvalidRequestError(f"top_p: must be between 0 and 1, got {top_p}")
         _check_stop(stop)
@@ -188,7 +200,7 @@ class GenerationLimits:
         return GenerationParams(
             max_new_tokens=max_new_tokens,
             temperature=self.default_temperature if temperature is None else temperature,
-            timeout_s=self.max_generation_time_s if timeout_s is None else min(timeout_s, self.max_generation_time_s),
+            timeout_s=timeout,
             top_p=1.0 if top_p is None else top_p,
             stop=tuple(stop),
             seed=seed,
@@ -197,6 +209,7 @@ class GenerationLimits:
             logprobs=logprobs,
             priority=priority_value(priority),
             guided=guided,
+            timeout_by=timeout_by,
         )
 
 
@@ -276,6 +289,7 @@ class ClassifyParams:
     timeout_s: float
     priority: int = 0
     field: str = "labels"  # the request field that holds the labels, which its errors name
+    timeout_by: str = MAX_GENERATION_TIME  # as GenerationParams.timeout_by
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,7 +24,7 @@ from .generation import Generation, GenerationParams, Prompt
 
 KEY_PREFIX = "ai-model:response:v1:"
 # Parameters that bound how long a generation may take, or when it runs, but not what it says.
-PARAMS_NOT_IN_KEY = frozenset({"timeout_s", "priority"})
+PARAMS_NOT_IN_KEY = frozenset({"timeout_s", "timeout_by", "priority"})
 
 
 def _default_of(parameter: Field) -> Any:

@@ -23,7 +23,6 @@ from domain import (
     GenerationError,
     GenerationParams,
     GenerationTimeoutError,
-    GuidedDecoding,
     InsufficientMemoryError,
     InvalidRequestError,
     Model,
@@ -36,6 +35,7 @@ from domain import (
     TextDelta,
     TokenLogprob,
 )
+from domain.generation import REQUEST_TIMEOUT
 from metrics import EVICTIONS, GENERATION_SECONDS, LOADED_MODELS
 
 from .core.detokenizer import IncrementalDecoder
@@ -200,7 +200,7 @@ class TransformersModelRepository(ModelRepository):
         finally:
             if finish is None:
                 sequence.cancel()
-        self._raise_if_failed(loaded, finish, params.timeout_s)
+        self._raise_if_failed(loaded, finish, params)
         return scores, finish
 
     async def get_model(self, model_id: str) -> Model:
@@ -333,12 +333,15 @@ class TransformersModelRepository(ModelRepository):
         )
 
     @staticmethod
-    def _raise_if_failed(
-        loaded: LoadedModel, finish: FinishEvent, timeout_s: float, guided: GuidedDecoding | None = None
-    ) -> None:
+    def _raise_if_failed(loaded: LoadedModel, finish: FinishEvent, params: GenerationParams | ClassifyParams) -> None:
         if finish.reason is FinishReason.TIMEOUT:
+            if params.timeout_by == REQUEST_TIMEOUT:
+                raise GenerationTimeoutError(
+                    f"generation passed the request's timeout of {params.timeout_s:g}s and was stopped; "
+                    f"ask for fewer tokens (max_length) or allow a longer timeout"
+                )
             raise GenerationTimeoutError(
-                f"generation passed MAX_GENERATION_TIME={timeout_s:g}s (or the request's timeout) and was stopped; "
+                f"generation passed MAX_GENERATION_TIME={params.timeout_s:g}s and was stopped; "
                 f"ask for fewer tokens (max_length) or raise MAX_GENERATION_TIME"
             )
         if finish.reason is FinishReason.UNLOADED:
@@ -348,13 +351,6 @@ class TransformersModelRepository(ModelRepository):
             raise OverloadedError(
                 f"the queue for {loaded.model_id!r} is full (MAX_QUEUE_SIZE={scheduler.max_queue_size}) and "
                 f"{finish.detail}; retry shortly"
-            )
-        if finish.reason is FinishReason.UNWRITABLE and guided is not None:
-            # The grammar wants bytes no token of this vocabulary holds (a character its BPE never saw):
-            # no model output can satisfy it, so the request, not the server, is at fault.
-            raise InvalidRequestError(
-                f"{guided.field}: model {loaded.model_id!r}'s tokenizer cannot write the text this "
-                f"{KIND_NAMES[guided.kind]} requires ({finish.detail}), got {shown(guided.value)}"
             )
         if not finish.reason.completed:
             raise GenerationError(f"generation with {loaded.model_id!r} failed: {finish.reason.value} {finish.detail}".strip())
@@ -368,7 +364,14 @@ class TransformersModelRepository(ModelRepository):
         started: float,
         first_token_at: float | None,
     ) -> Generation:
-        TransformersModelRepository._raise_if_failed(loaded, finish, params.timeout_s, params.guided)
+        if finish.reason is FinishReason.UNWRITABLE and (guided := params.guided) is not None:
+            # The grammar wants bytes no token of this vocabulary holds (a character its BPE never saw):
+            # no model output can satisfy it, so the request, not the server, is at fault.
+            raise InvalidRequestError(
+                f"{guided.field}: model {loaded.model_id!r}'s tokenizer cannot write the text this "
+                f"{KIND_NAMES[guided.kind]} requires ({finish.detail}), got {shown(guided.value)}"
+            )
+        TransformersModelRepository._raise_if_failed(loaded, finish, params)
         generation_time = time.perf_counter() - started
         GENERATION_SECONDS.labels(model=loaded.model_id).observe(generation_time)
         return Generation(

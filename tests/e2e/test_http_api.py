@@ -222,3 +222,12 @@ def test_the_service_keeps_serving_after_bad_input(http):
     for bad in ({"query": 1}, {"query": "hi", "max_length": -3}, {"nope": True}):
         assert http.post("/generate", json=bad).status_code == 422
     assert "Paris" in http.post("/generate", json=FRANCE).json()["result"]
+
+
+def test_a_request_past_its_own_timeout_answers_504_naming_that_timeout_and_not_the_servers(http):
+    sampled = {**FRANCE, "temperature": 0.7}  # not served from the response cache
+    response = http.post("/generate", json={**sampled, "timeout": 0.01})
+    assert response.status_code == 504, response.text
+    assert "the request's timeout of 0.01s" in response.json()["error"]
+    assert "MAX_GENERATION_TIME" not in response.json()["error"]
+    assert http.post("/generate", json=FRANCE).status_code == 200

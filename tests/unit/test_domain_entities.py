@@ -242,6 +242,19 @@ def test_a_request_timeout_lowers_the_deadline_but_never_raises_it():
         limits.params_for(None, None, 0)
 
 
+@pytest.mark.parametrize(
+    "timeout, expected",
+    [(5, (5, "timeout")), (30, (30, "timeout")), (300, (30, "MAX_GENERATION_TIME")), (None, (30, "MAX_GENERATION_TIME"))],
+)
+def test_a_deadline_knows_whether_the_callers_timeout_or_max_generation_time_set_it(timeout, expected):
+    """A 504 names the limit that ran out: the caller's own `timeout`, or the server's setting."""
+    limits = GenerationLimits(max_new_tokens=10, default_temperature=0.1, max_generation_time_s=30)
+    params = limits.params_for(None, None, timeout)
+    assert (params.timeout_s, params.timeout_by) == expected
+    classify = limits.classify_params(["yes", "no"], timeout, None)
+    assert (classify.timeout_s, classify.timeout_by) == expected
+
+
 def test_a_raw_prompt_has_text_and_no_messages():
     assert Prompt.raw("Once upon a time") == Prompt((), "Once upon a time")
     assert Prompt.from_list([{"role": "user", "content": "hi"}]).text is None

@@ -28,6 +28,7 @@ GENERATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
 FIRST_TOKEN_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 PER_TOKEN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+EXPECTED_FINISH_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 STEP_SEQUENCES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # The engine: models.
@@ -74,6 +75,16 @@ BATCH_SIZE = Gauge(
 STEP_SEQUENCES = Histogram(
     f"{PREFIX}_batch_step_sequences", "Sequences one batch step computes: decoding rows plus prompt chunks",
     ["model"], buckets=STEP_SEQUENCES_BUCKETS,
+)
+EXPECTED_FINISH = Histogram(
+    f"{PREFIX}_expected_finish_seconds",
+    "Seconds a request was expected to take when it arrived (queue ahead at the measured service rate)",
+    ["model"], buckets=EXPECTED_FINISH_BUCKETS_S,
+)
+SHED = Counter(
+    f"{PREFIX}_shed_requests",
+    "Requests answered 429 on arrival because they were expected to finish past their deadline",
+    ["model"],
 )
 PROMPT_TOKENS = Counter(
     f"{PREFIX}_prompt_tokens", "Prompt tokens of the sequences that reached a batch step, prefix-cache hits included",
@@ -135,6 +146,8 @@ class SchedulerMetrics:
     step_sequences: Histogram
     prompt_tokens: Counter
     generated_tokens: Counter
+    expected_finish: Histogram
+    shed: Counter
 
     @classmethod
     def for_model(cls, model_id: str) -> SchedulerMetrics:
@@ -147,6 +160,8 @@ class SchedulerMetrics:
             step_sequences=STEP_SEQUENCES.labels(model=model_id),
             prompt_tokens=PROMPT_TOKENS.labels(model=model_id),
             generated_tokens=GENERATED_TOKENS.labels(model=model_id),
+            expected_finish=EXPECTED_FINISH.labels(model=model_id),
+            shed=SHED.labels(model=model_id),
         )
 
     def occupancy(self, waiting: int, running: int) -> None:

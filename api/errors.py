@@ -4,6 +4,7 @@ OpenAI-compatible routes OpenAI's `{"error": {"message", "type", "param", "code"
 from __future__ import annotations
 
 import logging
+import math
 
 from starlette.responses import JSONResponse
 
@@ -33,7 +34,7 @@ for _error_type in STATUS_BY_ERROR_TYPE:  # every known type shows on /metrics f
     ERRORS.labels(error_type=_error_type)
 
 
-# How long a refused client should wait: about one short generation.
+# How long a refused client should wait where the engine gives no estimate: about one short generation.
 RETRY_AFTER_S = 1
 RETRY_LATER = {"overloaded", "shutting_down", "engine_unavailable"}
 
@@ -46,14 +47,18 @@ def count_error(error_type: str) -> None:
     ERRORS.labels(error_type=bounded(error_type, STATUS_BY_ERROR_TYPE)).inc()
 
 
-def _retry_headers(error_type: str) -> dict[str, str] | None:
-    return {"Retry-After": str(RETRY_AFTER_S)} if error_type in RETRY_LATER else None
+def _retry_headers(error_type: str, retry_after_s: float | None = None) -> dict[str, str] | None:
+    """Retry-After in whole seconds (HTTP's unit), from the engine's estimate where it gave one."""
+    if error_type not in RETRY_LATER:
+        return None
+    return {"Retry-After": str(max(RETRY_AFTER_S, math.ceil(retry_after_s or 0)))}
 
 
-def error_response(message: str, error_type: str, **extra) -> JSONResponse:
+def error_response(message: str, error_type: str, retry_after_s: float | None = None, **extra) -> JSONResponse:
     count_error(error_type)
     body = {"error": message, "error_type": error_type, **extra}
-    return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=_retry_headers(error_type))
+    headers = _retry_headers(error_type, retry_after_s)
+    return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=headers)
 
 
 def openai_error_body(message: str, error_type: str, param: str | None = None) -> dict[str, dict[str, str | None]]:
@@ -62,15 +67,18 @@ def openai_error_body(message: str, error_type: str, param: str | None = None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": error_type}}
 
 
-def openai_error_response(message: str, error_type: str, param: str | None = None) -> JSONResponse:
+def openai_error_response(
+    message: str, error_type: str, param: str | None = None, retry_after_s: float | None = None
+) -> JSONResponse:
     count_error(error_type)
     body = openai_error_body(message, error_type, param)
-    return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=_retry_headers(error_type))
+    headers = _retry_headers(error_type, retry_after_s)
+    return JSONResponse(body, status_code=STATUS_BY_ERROR_TYPE[error_type], headers=headers)
 
 
 def error_body(error: Exception) -> dict[str, str]:
     if isinstance(error, ModelServiceError):
-        return error.to_dict()
+        return {"error": error.message, "error_type": error.error_type}
     if isinstance(error, ClientDisconnected):  # nobody reads it; the status shows in the access log
         return {"error": str(error), "error_type": "client_disconnected"}
     logger.exception("unexpected error", exc_info=error)
@@ -79,4 +87,4 @@ def error_body(error: Exception) -> dict[str, str]:
 
 def response_for(error: Exception) -> JSONResponse:
     body = error_body(error)
-    return error_response(body["error"], body["error_type"])
+    return error_response(body["error"], body["error_type"], getattr(error, "retry_after_s", None))

@@ -76,7 +76,7 @@ async def _or_error(operation: Awaitable[T], fields: Collection[str] = ()) -> T 
     try:
         return await operation
     except Exception as error:  # noqa: BLE001: every failure becomes an error body, never a bare 500
-        return openai_error_response(*_failure(error_body(error), fields))
+        return openai_error_response(*_failure(error_body(error), fields), getattr(error, "retry_after_s", None))
 
 
 @dataclass

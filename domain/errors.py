@@ -6,12 +6,16 @@ from __future__ import annotations
 class ModelServiceError(Exception):
     error_type = "model_service_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s  # when a refused caller may expect room, where it is known
 
-    def to_dict(self) -> dict[str, str]:
-        return {"error": self.message, "error_type": self.error_type}
+    def to_dict(self) -> dict[str, str | float]:
+        found: dict[str, str | float] = {"error": self.message, "error_type": self.error_type}
+        if self.retry_after_s is not None:
+            found["retry_after_s"] = self.retry_after_s
+        return found
 
 
 class InvalidRequestError(ModelServiceError):
@@ -94,12 +98,12 @@ ERROR_KINDS: dict[str, type[ModelServiceError]] = {
 }
 
 
-def error_from_type(error_type: str, message: str) -> ModelServiceError:
+def error_from_type(error_type: str, message: str, retry_after_s: float | None = None) -> ModelServiceError:
     """Rebuilds an error that crossed a process boundary as `{"error_type", "error"}`."""
-    return ERROR_KINDS.get(error_type, ModelServiceError)(message)
+    return ERROR_KINDS.get(error_type, ModelServiceError)(message, retry_after_s)
 
 
 def raise_if_error(message: dict) -> None:
     """Raises the error a message carries, if it is one (see ModelServiceError.to_dict)."""
     if "error_type" in message:
-        raise error_from_type(message["error_type"], message["error"])
+        raise error_from_type(message["error_type"], message["error"], message.get("retry_after_s"))

@@ -42,7 +42,7 @@ from .core.detokenizer import IncrementalDecoder
 from .core.grammar import KIND_NAMES, shown
 from .core.label_scoring import LabelScoring, ScoringRequest
 from .core.loop_bridge import EventStream, off_loop
-from .core.scheduler import QueueFull
+from .core.scheduler import PastDeadline, QueueFull
 from .core.sequence import (
     FinishEvent,
     FinishReason,
@@ -123,7 +123,7 @@ class TransformersModelRepository(ModelRepository):
         logprobs: list[TokenLogprob] = []  # every token's, for the whole Generation
         unsent = 0  # how many of them no delta has carried yet
         with self._in_use(loaded):
-            sequence = self._submit(loaded, request, events)
+            sequence = self._submit(loaded, request, events, params.timeout_by)
             finish, first_token_at = None, None
             try:
                 async for event in events:
@@ -189,7 +189,7 @@ class TransformersModelRepository(ModelRepository):
             scoring.prompt_ids, 0, 0.0, deadline, priority=params.priority, scored=scoring.scored
         )
         events = EventStream()
-        sequence = self._submit(loaded, request, events)
+        sequence = self._submit(loaded, request, events, params.timeout_by)
         scores, finish = None, None
         try:
             async for event in events:
@@ -314,11 +314,18 @@ class TransformersModelRepository(ModelRepository):
             raise self._overloaded(loaded)
         return loaded
 
-    def _submit(self, loaded: LoadedModel, request: SamplingRequest, events: EventStream) -> Sequence:
+    def _submit(self, loaded: LoadedModel, request: SamplingRequest, events: EventStream, timeout_by: str) -> Sequence:
         try:  # others may have filled the queue while this prompt was tokenized
             return loaded.core.submit(request, events.sink)
         except QueueFull:
             raise self._overloaded(loaded) from None
+        except PastDeadline as late:
+            limit = "its timeout" if timeout_by == REQUEST_TIMEOUT else "MAX_GENERATION_TIME"
+            raise OverloadedError(
+                f"{loaded.model_id!r} is busy: behind the requests ahead of it, this one would take about "
+                f"{late.expected_s:.1f}s, past {limit} ({late.allowed_s:.1f}s left); retry later",
+                retry_after_s=late.expected_s - late.allowed_s,
+            ) from None
 
     @staticmethod
     def _token_logprob(loaded: LoadedModel, token_id: int, logprobs: TokenLogprobs) -> TokenLogprob:

@@ -95,7 +95,7 @@ def main() -> None:
 
     def submit(scheduler: Scheduler, prompt: list[int], new_tokens: int) -> None:
         request = SamplingRequest(prompt, new_tokens, 0.0, time.monotonic() + 3600, ignore_eos=True)
-        scheduler.add(Sequence(request, lambda event: None, block_hashes(prompt)))
+        scheduler.add(Sequence(request, lambda event: None, block_hashes(prompt)), time.monotonic())
 
     def step(scheduler: Scheduler, runner: ModelRunner):
         planned = scheduler.schedule(time.monotonic())

@@ -140,6 +140,17 @@ class BlockManager:
             else:  # a hash collision: nothing after it could be found from the root
                 return
 
+    def cached_tokens(self, prompt_ids: Sequence[int], hashes: list[int]) -> int:
+        """How many of the prompt's first tokens the cache holds now, in whole blocks. A probe: it
+        references nothing and counts in no statistic."""
+        parent = ROOT
+        for index, block_hash in enumerate(hashes):
+            block = self.cached.get(block_hash)
+            if block is None or not self._holds(block, parent, block_tokens(prompt_ids, index)):
+                return index * BLOCK_SIZE
+            parent = block
+        return len(hashes) * BLOCK_SIZE
+
     def _holds(self, block: int, parent: int, tokens: tuple[int, ...]) -> bool:
         """Whether the cached block holds these tokens after that parent: then its keys and values are
         the ones the prompt would compute."""

@@ -84,12 +84,13 @@ class EngineCore:
             self.scheduler.finish_all(reason)
 
     def submit(self, request: SamplingRequest, sink: Sink) -> Sequence:
-        """Queues the request; raises QueueFull when the queue is full. A request that meets a stopped
-        core ends at once, with the reason the core stopped."""
+        """Queues the request; raises QueueFull when the queue is full and PastDeadline when it would
+        not finish in time. A request that meets a stopped core ends at once, with the reason the
+        core stopped."""
         sequence = Sequence(request, sink, block_hashes(request.prompt_ids))
         with self._wakeup:
             if not self._stopped:
-                self.scheduler.add(sequence)
+                self.scheduler.add(sequence, time.monotonic())
                 if self._in_flight_abortable and request.priority < self._in_flight.most_urgent:
                     self._runner.abort()
                 self._wakeup.notify()
@@ -138,6 +139,7 @@ class EngineCore:
                     self._runner.reset_abort()
 
     def _run(self, step: ScheduledStep) -> None:
+        started = time.perf_counter()
         try:
             output = self._runner.execute(step)
         except StepAborted:
@@ -151,6 +153,9 @@ class EngineCore:
             with self._wakeup:
                 self.scheduler.fail_running(f"{type(error).__name__}: {error}")
             return
+        seconds = time.perf_counter() - started
         with self._wakeup:
+            prompt_tokens = sum(chunk.end - chunk.start for chunk in step.prefilling)
+            self.scheduler.rate.observe(prompt_tokens, len(step.decoding), seconds)
             self.scheduler.update(step, output, time.monotonic())
             self._owed.difference_update(step.sequence_ids)

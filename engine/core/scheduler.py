@@ -42,10 +42,19 @@ from .sequence import (
     TokenEvent,
     TokenLogprobs,
 )
+from .service_rate import ServiceRate, Work
 
 
 class QueueFull(Exception):
     """The waiting queue holds max_queue_size sequences already."""
+
+
+class PastDeadline(Exception):
+    """At the rate this engine serves, the request would finish after its deadline."""
+
+    def __init__(self, expected_s: float, allowed_s: float) -> None:
+        super().__init__(f"expected to finish in {expected_s:.1f}s, past its deadline in {allowed_s:.1f}s")
+        self.expected_s, self.allowed_s = expected_s, allowed_s
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,7 @@ class Scheduler:
         self.priority_headroom = max(1, max_batch_size // 4)
         self.background_prefill_budget = max(BLOCK_SIZE, prefill_budget // 4)
         self._metrics = metrics
+        self.rate = ServiceRate()  # learned from the steps the engine core runs (EngineCore._run)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._finished_ids: list[int] = []
@@ -159,9 +169,18 @@ class Scheduler:
             "steps": self.steps,
         }
 
-    def add(self, sequence: Sequence) -> None:
-        """Queues the sequence in priority order; a full queue drops its newest sequence of the lowest
-        priority for it if that priority is lower than the sequence's, else raises QueueFull."""
+    def add(self, sequence: Sequence, now: float) -> None:
+        """Queues the sequence in priority order. Raises PastDeadline when the engine's measured rate
+        says the work ahead of it (less urgent work is not ahead) would make it finish after its
+        deadline; one that would miss it even alone is queued (its max_new_tokens is only a cap, and
+        a retry would not help). A full queue drops its newest sequence of the lowest priority for it
+        if that priority is lower than the sequence's, else raises QueueFull."""
+        sequence.prompt_work = sequence.prompt_length - self.blocks.cached_tokens(sequence.prompt_ids, sequence.hashes)
+        allowed = sequence.request.deadline - now
+        expected = self.expected_finish_s(sequence)
+        if expected is not None and expected > allowed and self.expected_finish_s(sequence, alone=True) <= allowed:
+            self._metrics.shed.inc()
+            raise PastDeadline(expected, allowed)
         if self.queue_full:
             if self.refuses(sequence.request.priority):
                 raise QueueFull(f"{len(self.waiting)} sequences are waiting (max_queue_size={self.max_queue_size})")
@@ -171,6 +190,23 @@ class Scheduler:
         while place and self.waiting[place - 1].request.priority > sequence.request.priority:
             place -= 1
         self.waiting.insert(place, sequence)
+
+    def expected_finish_s(self, sequence: Sequence, alone: bool = False) -> float | None:
+        """Seconds until the sequence, queued now, would be done (service_rate.py), behind the work
+        admitted or on an idle engine; None until the rate is measured."""
+        own = Work(sequence.prompt_work, sequence.request.max_new_tokens)
+        if alone:
+            return self.rate.finish_in((), (), own, self.max_batch_size)
+        priority = sequence.request.priority
+        running = (
+            Work(0 if s.decoding else s.prompt_length - s.computed, s.request.max_new_tokens - len(s.output_ids))
+            for s in self.running
+        )
+        ahead = (Work(s.prompt_work, s.request.max_new_tokens) for s in self.waiting if s.request.priority <= priority)
+        expected = self.rate.finish_in(running, ahead, own, self.max_batch_size)
+        if expected is not None:
+            self._metrics.expected_finish.observe(expected)
+        return expected
 
     def schedule(self, now: float) -> ScheduledStep | None:
         """The next step, or None when no sequence is running."""

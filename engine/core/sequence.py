@@ -134,6 +134,7 @@ class Sequence:
     pending_copy: BlockCopy | None = None  # until its first prompt chunk has run
     computed: int = 0  # tokens whose keys and values are in the cache
     cached_prompt_tokens: int = 0
+    prompt_work: int = 0  # prompt tokens it was expected to compute when it was queued (the rest cached)
     output_ids: list[int] = field(default_factory=list)
     scores: dict[int, tuple[float, ...]] = field(default_factory=dict)  # a scoring request's, by position, as computed
     submitted_at: float = field(default_factory=time.monotonic)

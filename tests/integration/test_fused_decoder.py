@@ -116,7 +116,7 @@ def engine_logits(
     for prompt in prompts:
         request = SamplingRequest(prompt, new_tokens, 0.0, time.monotonic() + 60, ignore_eos=True)
         sequences.append(Sequence(request, lambda event: None, block_hashes(prompt)))
-        scheduler.add(sequences[-1])
+        scheduler.add(sequences[-1], time.monotonic())
     logits_by_sequence: dict[int, list[torch.Tensor]] = {index: [] for index in range(len(prompts))}
     captured = []
     hook = model.register_forward_hook(lambda module, args, output: captured.append(output.logits[0].clone()))

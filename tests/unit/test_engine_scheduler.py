@@ -47,7 +47,7 @@ def submit(
     caller = RecordingCaller()
     request = SamplingRequest(prompt, max_new_tokens, 0.0, deadline, priority=priority, scored=scored)
     sequence = Sequence(request, caller.sink, block_hashes(prompt))
-    into.add(sequence)
+    into.add(sequence, NOW)
     return sequence, caller
 
 
@@ -99,7 +99,7 @@ def test_with_ignore_eos_an_end_of_sequence_token_is_sent_and_generation_goes_on
     into = scheduler()
     caller = RecordingCaller()
     request = SamplingRequest(prompt_of(5), 4, 0.0, FAR, ignore_eos=True)
-    into.add(Sequence(request, caller.sink, block_hashes(request.prompt_ids)))
+    into.add(Sequence(request, caller.sink, block_hashes(request.prompt_ids)), NOW)
 
     run_until_idle(into, runner)
 
@@ -400,7 +400,7 @@ def test_an_end_of_sequence_token_is_sent_with_its_logprobs_to_a_request_that_as
     into = scheduler()
     caller = RecordingCaller()
     request = SamplingRequest(prompt_of(5), 10, 0.0, FAR, logprobs=0)
-    into.add(Sequence(request, caller.sink, block_hashes(prompt_of(5))))
+    into.add(Sequence(request, caller.sink, block_hashes(prompt_of(5))), NOW)
 
     run_until_idle(into, Scoring({tuple(prompt_of(5)): [5, EOS]}))
 

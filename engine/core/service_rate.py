@@ -1,0 +1,64 @@
+"""How fast one model's engine core serves, learned from its own steps, and when a new request
+would finish behind the work already admitted: what admission sheds by (scheduler.add).
+
+A step's time is taken as P x (prompt tokens it computes) + D (one decode step of the batch).
+D is learned from steps that compute no prompt, P from the others, less D where they also
+decode. Both are moving averages, so a machine that gets busier (another process on the cores)
+shows in them within a few steps.
+
+A request's finish is estimated by replaying the batch's slots: the running sequences hold theirs
+for their decode steps left, the sequences queued ahead take each slot as it frees, and the new
+one starts decoding when a slot frees for it. Every prompt ahead, and its own, is computed before
+it is done. Steps are counted at D whatever the batch's size: D is learned at the sizes the
+workload runs, and a full batch (when the queue matters) is what it learns most.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a sequence still needs: prompt tokens to compute, and decode steps (at most)."""
+
+    prompt_tokens: int
+    decode_steps: int
+
+
+class ServiceRate:
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self._smoothing = smoothing
+        self.prompt_token_s: float | None = None  # P
+        self.decode_step_s: float | None = None  # D
+
+    @property
+    def known(self) -> bool:
+        return self.prompt_token_s is not None and self.decode_step_s is not None
+
+    def observe(self, prompt_tokens: int, decode_rows: int, seconds: float) -> None:
+        """Learns from a step that computed `prompt_tokens` prompt tokens and decoded `decode_rows` rows."""
+        if not prompt_tokens:
+            if decode_rows:
+                self.decode_step_s = self._average(self.decode_step_s, seconds)
+            return
+        decoding = self.decode_step_s or 0.0 if decode_rows else 0.0
+        self.prompt_token_s = self._average(self.prompt_token_s, max(seconds - decoding, 0.0) / prompt_tokens)
+
+    def _average(self, current: float | None, sample: float) -> float:
+        return sample if current is None else current + self._smoothing * (sample - current)
+
+    def finish_in(self, running: Iterable[Work], ahead: Iterable[Work], own: Work, batch_size: int) -> float | None:
+        """Seconds until `own` would be done behind the `running` sequences and those queued `ahead`
+        of it (in queue order); None until both rates have been measured."""
+        if not self.known:
+            return None
+        slots = [0] * batch_size  # the decode step at which each slot frees
+        prompt_tokens = own.prompt_tokens
+        for work in (*running, *ahead):
+            prompt_tokens += work.prompt_tokens
+            heapq.heapreplace(slots, slots[0] + work.decode_steps)
+        starts_at = slots[0]
+        return self.prompt_token_s * prompt_tokens + self.decode_step_s * (starts_at + own.decode_steps)

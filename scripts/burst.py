@@ -2,12 +2,14 @@
 
     python scripts/burst.py                       # starts the service with MAX_CONCURRENT_REQUESTS=32
     python scripts/burst.py --url http://127.0.0.1:8003 --requests 200
+    python scripts/burst.py --cap 512 --hog 2     # at defaults, on a machine a CPU hog keeps busy
 
 Opens every connection first, then sends all the requests at once, so the figures are the
 service's: the client is raw asyncio sockets with prebuilt requests (an HTTP client library on
 the same two cores would add its own queueing to every latency). Prints the statuses, the
 latency of the refusals (429) and of the answers, and checks that the service answers normally
-right after.
+right after. `--hog N` runs N processes that spin at normal priority (another job on the cores)
+from a few seconds before the first burst to the end.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -58,6 +62,24 @@ async def burst(url: str, count: int) -> list[tuple[int, float]]:
     return await asyncio.gather(*tasks)
 
 
+def spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def cpu_hog(processes: int):
+    hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(processes)]
+    for hog in hogs:
+        hog.start()
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.terminate()
+            hog.join()
+
+
 def milliseconds(values: list[float]) -> str:
     if not values:
         return "none"
@@ -73,9 +95,15 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=32, help="MAX_CONCURRENT_REQUESTS of the started service")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8014)
+    parser.add_argument("--hog", type=int, default=0, help="busy processes on the machine during the bursts")
     args = parser.parse_args()
-    with served(args.url, args.port, {"MAX_CONCURRENT_REQUESTS": str(args.cap)}, ".burst.log") as (url, _):
-        httpx.post(f"{url}/generate", content=BODY, headers={"content-type": "application/json"}, timeout=60)  # warm
+    with (
+        served(args.url, args.port, {"MAX_CONCURRENT_REQUESTS": str(args.cap)}, ".burst.log") as (url, _),
+        cpu_hog(args.hog),
+    ):
+        time.sleep(3 if args.hog else 0)
+        for _ in range(3):  # the engine learns its rate on the machine as it is now
+            httpx.post(f"{url}/generate", content=BODY, headers={"content-type": "application/json"}, timeout=60)
         clean = True
         for round_number in range(1, args.rounds + 1):
             results = asyncio.run(burst(url, args.requests))

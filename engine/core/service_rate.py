@@ -3,8 +3,10 @@ would finish behind the work already admitted: what admission sheds by (schedule
 
 A step's time is taken as P x (prompt tokens it computes) + D (one decode step of the batch).
 D is learned from steps that compute no prompt, P from the others, less D where they also
-decode. Both are moving averages, so a machine that gets busier (another process on the cores)
-shows in them within a few steps.
+decode. Both are moving averages that follow a slower step at once and a faster one gradually:
+a machine that gets busier (another process on the cores) must show in the next admissions,
+or they are admitted at the old rate and miss their deadlines; one that gets quieter costs only
+some refusals meanwhile.
 
 A request's finish is estimated by replaying the batch's slots: the running sequences hold theirs
 for their decode steps left, the sequences queued ahead take each slot as it frees, and the new
@@ -29,8 +31,8 @@ class Work:
 
 
 class ServiceRate:
-    def __init__(self, smoothing: float = 0.2) -> None:
-        self._smoothing = smoothing
+    def __init__(self, slower: float = 0.5, faster: float = 0.1) -> None:
+        self._slower, self._faster = slower, faster  # the moving averages' weights of a new sample
         self.prompt_token_s: float | None = None  # P
         self.decode_step_s: float | None = None  # D
 
@@ -48,7 +50,9 @@ class ServiceRate:
         self.prompt_token_s = self._average(self.prompt_token_s, max(seconds - decoding, 0.0) / prompt_tokens)
 
     def _average(self, current: float | None, sample: float) -> float:
-        return sample if current is None else current + self._smoothing * (sample - current)
+        if current is None:
+            return sample
+        return current + (self._slower if sample > current else self._faster) * (sample - current)
 
     def finish_in(self, running: Iterable[Work], ahead: Iterable[Work], own: Work, batch_size: int) -> float | None:
         """Seconds until `own` would be done behind the `running` sequences and those queued `ahead`

@@ -33,11 +33,16 @@ def test_the_prompt_rate_is_learned_net_of_the_decode_rows_in_the_same_step():
     assert rate.prompt_token_s == pytest.approx(PROMPT_TOKEN_S)
 
 
-def test_a_moving_average_follows_a_machine_that_gets_slower():
-    rate = taught(ServiceRate(smoothing=0.5))
-    for _ in range(6):
-        rate.observe(prompt_tokens=0, decode_rows=8, seconds=4 * DECODE_STEP_S)
-    assert rate.decode_step_s == pytest.approx(4 * DECODE_STEP_S, rel=0.1)
+def test_the_rate_follows_a_machine_that_gets_slower_faster_than_one_that_gets_quicker():
+    slowing = taught(ServiceRate())
+    for _ in range(3):
+        slowing.observe(prompt_tokens=0, decode_rows=8, seconds=4 * DECODE_STEP_S)
+    assert slowing.decode_step_s > 3.5 * DECODE_STEP_S
+    quickening = ServiceRate()
+    quickening.observe(prompt_tokens=0, decode_rows=8, seconds=4 * DECODE_STEP_S)
+    for _ in range(3):
+        quickening.observe(prompt_tokens=0, decode_rows=8, seconds=DECODE_STEP_S)
+    assert quickening.decode_step_s > 2 * DECODE_STEP_S
 
 
 def test_with_free_slots_a_request_finishes_after_the_prompts_and_its_own_decode_steps():

@@ -14,6 +14,7 @@ from domain import (
     Generation,
     GenerationParams,
     GenerationTimeoutError,
+    OverloadedError,
     InvalidRequestError,
     ModelUnloadingError,
     PromptBuilder,
@@ -228,21 +229,27 @@ def test_with_a_batch_size_of_one_sequences_run_one_at_a_time(module_executor):
     assert max(seen_running) == 1
 
 
-def test_time_spent_queued_counts_against_the_deadline(module_executor):
+def test_a_request_the_queue_would_push_past_its_deadline_is_refused_on_arrival(module_executor):
+    """Once the engine has measured its rate, a request that would wait behind a long one past its
+    deadline is refused at once (429, with when to retry), instead of queueing to fail at its
+    deadline. (The scheduler's unit tests cover a deadline passing while queued.)"""
     repository = engine(module_executor, max_batch_size=1)
     story = PromptBuilder().build("Tell a long story.", [])
 
     async def queued_behind_a_long_one() -> None:
-        long = asyncio.create_task(repository.generate_text(BUNDLED_MODEL_ID, story, GenerationParams(60, 0.0, 120)))
-        await asyncio.sleep(0.2)
-        try:
-            await repository.generate_text(BUNDLED_MODEL_ID, PROMPTS[0], GenerationParams(10, 0.0, 0.5))
+        exactly_120 = GenerationParams(120, 0.0, 120, min_new_tokens=120)
+        long = asyncio.create_task(repository.generate_text(BUNDLED_MODEL_ID, story, exactly_120))
+        while not scheduler_of(repository).rate.known:  # its prompt step and a decode step have run
+            await asyncio.sleep(0.01)
+        try:  # alone it would take about 0.3 s here; behind the long one's ~120 steps, over 3 s
+            await repository.generate_text(BUNDLED_MODEL_ID, PROMPTS[0], GenerationParams(10, 0.0, 2.0))
         finally:
             long.cancel()
 
     try:
-        with pytest.raises(GenerationTimeoutError):
+        with pytest.raises(OverloadedError, match=r"would take about [\d.]+s, past MAX_GENERATION_TIME") as refused:
             run(queued_behind_a_long_one())
+        assert refused.value.retry_after_s > 0
         assert scheduler_of(repository).load["waiting"] == 0
     finally:
         run(repository.unload_model(BUNDLED_MODEL_ID))

@@ -109,11 +109,12 @@ def test_unset_kv_cache_mb_takes_its_most_where_memory_is_plentiful(auto_kv):
 
 
 def test_unset_kv_cache_mb_takes_what_min_memory_gb_leaves(auto_kv, limits):
-    # Room for the tiny weights and about 200 MB of KV cache beyond a step's activations.
-    limits.min_free_gb = (system_memory().available - STEP_ACTIVATIONS - 200 * 2**20) / GIB
+    # 500 MB beyond a step's activations: the load itself takes some of it (the tiny weights, the
+    # kernels' plans, the process's own allocations: about 100 MB), the KV cache the rest.
+    limits.min_free_gb = (system_memory().available - STEP_ACTIVATIONS - 500 * 2**20) / GIB
     run(auto_kv.load_model(TINY_QWEN_ID, "cpu"))
     kv_cache_mb = auto_kv.loaded(TINY_QWEN_ID).cache.size_bytes / 2**20
-    assert 100 < kv_cache_mb < 200, kv_cache_mb
+    assert 250 < kv_cache_mb < 500, kv_cache_mb
 
 
 def test_a_load_that_leaves_no_room_for_a_kv_cache_fails_naming_the_limits(auto_kv, limits):

@@ -281,6 +281,9 @@ AIModelService.add_asgi_middleware(
         **dict.fromkeys(("/generate", "/generate-task/get"), (GenerateResponse, BatchGenerateResponse)),
         "/classify": (ClassifyResponse, BatchClassifyResponse),
     },
+    # BentoML's server answers every task cancel with 400 "task cancellation is not supported in local
+    # development server", and `bentoml serve` is this service's server, in the container too.
+    unserved=["/generate-task/cancel"],
 )
 AIModelService.add_asgi_middleware(UnroutedPathMiddleware, openai_app=openai_app, prefix=OPENAI_PREFIX)
 # Outermost first: a request over the cap is refused before its body is read. Both share one count.

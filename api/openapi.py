@@ -109,6 +109,7 @@ def document_errors(
     openai_routes: Iterable[str] = (),
     exact_models: Iterable[type[BaseModel]] = (),
     answers: Mapping[str, Iterable[type[BaseModel]]] | None = None,
+    unserved: Iterable[str] = (),
 ) -> dict[str, Any]:
     """A copy of `spec` whose routes in `errors_by_route` list their success and the errors they answer,
     in OpenAI's shape on `openai_routes`, instead of the generic errors BentoML or FastAPI put there.
@@ -116,8 +117,11 @@ def document_errors(
     it documents JSON) to what each event's data holds. `exact_models` are served as pydantic writes
     them: BentoML and FastAPI round every numeric bound through a float (2**63 - 1 becomes 2**63).
     `answers` maps a route that answers one of several bodies to their models: BentoML documents
-    only one body per API (it flattens a union to its first member)."""
+    only one body per API (it flattens a union to its first member). `unserved` routes are left out:
+    BentoML declares them, but under `bentoml serve` they refuse every request."""
     spec = json.loads(json.dumps(spec))  # a deep copy, with statuses as JSON writes them: strings
+    for route in unserved:
+        spec["paths"].pop(route, None)
     # The schemas are pydantic's JSON Schema 2020-12 (`anyOf: [X, {type: null}]` for an optional field),
     # which is OpenAPI 3.1's dialect; BentoML labels the document 3.0.2, whose readers misread them.
     spec["openapi"] = OPENAPI_VERSION

@@ -5,7 +5,8 @@ served by `bentoml serve` inside a real memory limit, as the specification deplo
     python scripts/full_size.py --cases int8 --limit-gib 6
 
 The model is made once (bfloat16 safetensors, as the real checkpoint ships) under .models/ and
-imported into the store as `qwen-model_full`. Each case starts the service with the spec's defaults
+imported as `qwen-model_full` into a store of its own, .bentoml-full-size/ (in the checkout's
+store, tests that expect that id to be absent would load a 3B model). Each case starts the service with the spec's defaults
 (MIN_MEMORY_GB=2, MAX_MEMORY_USAGE=0.9, CPU_THREADS=4) and its own settings in a fresh memory cgroup
 (v2 or v1, made here; root needed), then reports: seconds to /readyz 200, the group's peak memory
 and the service's peak and settled RSS (every process of it), /memory-usage, a short verdict's
@@ -35,6 +36,7 @@ from serving import BENTOML, ROOT, percentile, short_request, stop_service
 
 MODEL_ID = "qwen-model_full"
 MODEL_DIR = ROOT / ".models" / "qwen2.5-3b-random"
+STORE = ROOT / ".bentoml-full-size"  # BENTOML_HOME of the import and of the services
 GIB = 2**30
 PORT = 8041
 SPEC_DEFAULTS = {"MIN_MEMORY_GB": "2", "MAX_MEMORY_USAGE": "0.9", "CPU_THREADS": "4"}
@@ -67,7 +69,7 @@ def ensure_model() -> None:
         )
     subprocess.run(
         [sys.executable, "scripts/import_model.py", "--from", str(MODEL_DIR), "--name", MODEL_ID],
-        cwd=ROOT, env=env, check=True,
+        cwd=ROOT, env={**env, "BENTOML_HOME": str(STORE)}, check=True,
     )
 
 
@@ -214,7 +216,7 @@ def measure(url: str) -> dict[str, object]:
 
 def run_case(name: str, settings: dict[str, str], limit_bytes: int, timeout_s: float) -> dict[str, object]:
     env = {
-        "BENTOML_HOME": str(ROOT / ".bentoml"), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
+        "BENTOML_HOME": str(STORE), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(ROOT), "DEFAULT_MODEL_ID": MODEL_ID, **MEASURING, **SPEC_DEFAULTS, **settings,
     }
     log = ROOT / f".bench-full-size-{name}.log"

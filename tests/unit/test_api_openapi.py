@@ -78,6 +78,16 @@ def test_routes_left_out_keep_bentomls_answers_and_the_stream_is_documented_as_e
     assert spec["openapi"] == "3.1.0"  # pydantic's `anyOf: [X, {type: null}]` is 3.1, not 3.0
 
 
+def test_a_route_bentomls_server_does_not_serve_is_not_documented():
+    """Every PUT /generate-task/cancel answers 400 under `bentoml serve`: offering it documents
+    requests that the service refuses whatever they hold."""
+    declared = bentoml_spec()
+    declared["paths"]["/generate-task/cancel"] = {"put": {"responses": {200: {"description": "ok"}}}}
+    spec = document_errors(declared, errors_by_route={}, unserved=["/generate-task/cancel"])
+    assert "/generate-task/cancel" not in spec["paths"]
+    assert "/generate-task/status" in spec["paths"]
+
+
 def test_the_middleware_answers_docs_json_and_passes_everything_else_on():
     passed_on, sent = [], []
 

@@ -59,6 +59,7 @@ from domain import (
     OptimizeMemory,
     UnloadModel,
 )
+from engine.core.queue_board import QueueBoard
 from engine.service import GenerationEngine
 from settings import get_settings
 from tracing import trace_requests_not_messages
@@ -122,7 +123,7 @@ class AIModelService:
     engine = bentoml.depends(GenerationEngine)
 
     def __init__(self) -> None:
-        self.engine_client = client = EngineClient(self.engine, timeout_s=HTTP_TIMEOUT_S)
+        self.engine_client = client = EngineClient(self.engine, timeout_s=HTTP_TIMEOUT_S, board=QueueBoard.of_this_server())
         self.models = ModelService(
             client, client, settings.default_model_id, settings.device_type, settings.model_idle_timeout
         )
@@ -260,6 +261,8 @@ LOAD_ERRORS = BODY_ERRORS | {"model_not_found", "device_not_available", "insuffi
 GENERATION_ERRORS = LOAD_ERRORS | {"model_not_loaded", "model_unloading", "overloaded", "shutting_down", "generation_timeout"}
 ERRORS_BY_ROUTE = {
     **dict.fromkeys(GENERATION_ROUTES | OPENAI_GENERATION_ROUTES, GENERATION_ERRORS),
+    # A submitted task is refused only at the door; what generation answers, /generate-task/get answers.
+    "/generate-task/submit": {"validation_error", "payload_too_large", "overloaded", "shutting_down"},
     "/load-model": LOAD_ERRORS,
     "/unload-model": BODY_ERRORS | {"model_not_found", "model_not_loaded"},
     "/optimize-memory": BODY_ERRORS,
@@ -278,12 +281,13 @@ AIModelService.add_asgi_middleware(
     openai_routes=OPENAI_ROUTES,
     exact_models=[ChatCompletionRequest, CompletionRequest],
     answers={
-        **dict.fromkeys(("/generate", "/generate-task/get"), (GenerateResponse, BatchGenerateResponse)),
+        **dict.fromkeys(("/generate", "/generate-task"), (GenerateResponse, BatchGenerateResponse)),
         "/classify": (ClassifyResponse, BatchClassifyResponse),
     },
     # BentoML's server answers every task cancel with 400 "task cancellation is not supported in local
     # development server", and `bentoml serve` is this service's server, in the container too.
     unserved=["/generate-task/cancel"],
+    task_routes=["/generate-task"],
 )
 AIModelService.add_asgi_middleware(UnroutedPathMiddleware, openai_app=openai_app, prefix=OPENAI_PREFIX)
 # Outermost first: a request over the cap is refused before its body is read. Both share one count.

@@ -21,12 +21,16 @@ from domain import (
     GenerationParams,
     Model,
     ModelRepository,
+    OverloadedError,
     Prompt,
     SystemMonitor,
     TextDelta,
     TokenLogprob,
     raise_if_error,
 )
+from domain.generation import REQUEST_TIMEOUT
+from engine.core.queue_board import NO_TICKET, QueueBoard
+from engine.core.service_rate import PastDeadline, Work
 
 STREAM_ROUTE = "/stream_text"
 T = TypeVar("T")
@@ -38,6 +42,9 @@ ENGINE_UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Below the engine's keep-alive (uvicorn's 5 s), so the client drops an idle connection before the server does.
 ENGINE_KEEPALIVE_S = 2.0
+# The API worker's guess at a prompt's tokens, to shed by before the engine counts them: English in
+# a BPE vocabulary runs about four characters a token.
+CHARS_PER_TOKEN = 4
 
 
 def decode_line(line: str) -> str | Generation:
@@ -72,12 +79,17 @@ async def unwrap(call: Callable[[], Awaitable[dict[str, Any]]]) -> Any:
 
 
 class EngineClient(ModelRepository, SystemMonitor):
-    """`engine` is the GenerationEngine itself (in-process) or BentoML's proxy to its process."""
+    """`engine` is the GenerationEngine itself (in-process) or BentoML's proxy to its process.
 
-    def __init__(self, engine: Any, timeout_s: float = 120.0) -> None:
+    With the engine's queue `board` (engine/core/queue_board.py), a generation that the queue would
+    push past its deadline is refused here, before the hop: 429 in a millisecond, where the engine
+    would answer the same after the hop and its tokenizer."""
+
+    def __init__(self, engine: Any, timeout_s: float = 120.0, board: QueueBoard | None = None) -> None:
         self._engine = engine
         self._timeout_s = timeout_s
         self._engine_http: aiohttp.ClientSession | None = None
+        self._board = board
 
     async def load_model(self, model_id: str, device: str = "auto") -> Model:
         return Model.from_dict(await unwrap(lambda: self._engine.load_model(model_id=model_id, device=device)))
@@ -92,8 +104,30 @@ class EngineClient(ModelRepository, SystemMonitor):
         return [Model.from_dict(model) for model in await unwrap(self._engine.list_models)]
 
     async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
-        request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict()}
-        return Decision.from_dict(await unwrap(lambda: self._post("classify", request)))
+        ticket = self._reserve(model_id, prompt, 0, params.priority, params.timeout_s, params.timeout_by)
+        request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict(), "ticket": ticket}
+        try:
+            return Decision.from_dict(await unwrap(lambda: self._post("classify", request)))
+        finally:
+            self._release(ticket)
+
+    def _reserve(
+        self, model_id: str, prompt: Prompt, decode_steps: int, priority: int, timeout_s: float, timeout_by: str
+    ) -> int:
+        """The request's ticket on the queue board; OverloadedError (429) when the queue ahead of it
+        would make it finish after its deadline."""
+        if self._board is None:
+            return NO_TICKET
+        own = Work(prompt.characters // CHARS_PER_TOKEN, decode_steps)
+        try:
+            return self._board.reserve(model_id, own, priority, timeout_s)
+        except PastDeadline as late:
+            by_own_timeout = timeout_by == REQUEST_TIMEOUT
+            raise OverloadedError.past_deadline(model_id, late.expected_s, late.allowed_s, by_own_timeout) from None
+
+    def _release(self, ticket: int) -> None:
+        if self._board is not None:
+            self._board.release(ticket)
 
     async def _post(self, api: str, request: dict[str, Any]) -> dict[str, Any]:
         """A call on the hop generation streams take, not BentoML's proxy: the proxy keeps idle
@@ -109,7 +143,8 @@ class EngineClient(ModelRepository, SystemMonitor):
             return await response.json()
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
-        request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict()}
+        ticket = self._reserve(model_id, prompt, params.max_new_tokens, params.priority, params.timeout_s, params.timeout_by)
+        request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict(), "ticket": ticket}
         buffered = ""
         chunks = self._stream_chunks(request)
         async with aclosing(chunks):  # leaving early closes the connection, which cancels the generation
@@ -121,6 +156,8 @@ class EngineClient(ModelRepository, SystemMonitor):
                         yield decode_line(line)
             except ENGINE_UNREACHABLE as error:
                 raise unreachable(error) from error
+            finally:
+                self._release(ticket)
 
     async def _stream_chunks(self, request: dict[str, Any]) -> AsyncIterator[str]:
         remote = getattr(self._engine, "to_async", None)  # BentoML's proxy to the engine's process

@@ -61,9 +61,19 @@ class InsufficientMemoryError(ModelServiceError):
 
 
 class OverloadedError(ModelServiceError):
-    """More requests are queued for the model than the queue holds: try again shortly."""
+    """More requests are queued for the model than the queue holds, or the queue would make this one
+    finish after its deadline: try again shortly."""
 
     error_type = "overloaded"
+
+    @classmethod
+    def past_deadline(cls, model_id: str, expected_s: float, allowed_s: float, by_own_timeout: bool) -> OverloadedError:
+        limit = "its timeout" if by_own_timeout else "MAX_GENERATION_TIME"
+        return cls(
+            f"{model_id!r} is busy: behind the requests ahead of it, this one would take about {expected_s:.1f}s, "
+            f"past {limit} ({allowed_s:.1f}s left); retry later",
+            retry_after_s=expected_s - allowed_s,
+        )
 
 
 class EngineUnavailableError(ModelServiceError):

@@ -42,7 +42,8 @@ from .core.detokenizer import IncrementalDecoder
 from .core.grammar import KIND_NAMES, shown
 from .core.label_scoring import LabelScoring, ScoringRequest
 from .core.loop_bridge import EventStream, off_loop
-from .core.scheduler import PastDeadline, QueueFull
+from .core.queue_board import NO_TICKET, QueueBoard
+from .core.scheduler import QueueFull
 from .core.sequence import (
     FinishEvent,
     FinishReason,
@@ -52,6 +53,7 @@ from .core.sequence import (
     TokenEvent,
     TokenLogprobs,
 )
+from .core.service_rate import PastDeadline
 from .layers.tuned_linear import Choice
 from .models import quantization
 from .models.devices import resolve_device
@@ -78,10 +80,13 @@ class TransformersModelRepository(ModelRepository):
         batching: BatchingOptions = BatchingOptions(),
         quantization_setting: str = quantization.NONE,
         linear_kernels: str = Choice.TUNED.value,
+        queue_board: QueueBoard | None = None,
     ) -> None:
         self._catalog = catalog
         self._executor = executor
-        self._loader = ModelLoader(memory_limits, dtype, quantization_setting, batching, Choice(linear_kernels))
+        self._loader = ModelLoader(
+            memory_limits, dtype, quantization_setting, batching, Choice(linear_kernels), queue_board=queue_board
+        )
         self._loaded: dict[str, LoadedModel] = {}
         self._changed_at: dict[str, datetime] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -96,7 +101,10 @@ class TransformersModelRepository(ModelRepository):
     async def unload_model(self, model_id: str) -> Model:
         return await off_loop(self._executor, lambda: self.unload_blocking(model_id))
 
-    async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
+    async def stream_text(
+        self, model_id: str, prompt: Prompt, params: GenerationParams, ticket: int = NO_TICKET
+    ) -> AsyncIterator[str | Generation]:
+        """`ticket`: the request's reservation on the queue board, which its admission clears."""
         loaded = self._serving(model_id, params.priority)
         started = time.perf_counter()
         prompt_ids = await off_loop(self._executor, lambda: loaded.encode(prompt))
@@ -117,6 +125,7 @@ class TransformersModelRepository(ModelRepository):
             logprobs=params.logprobs,
             priority=params.priority,
             grammar=grammar,
+            ticket=ticket,
         )
         events = EventStream()
         decoder = IncrementalDecoder(loaded.tokenizer, params.stop)
@@ -151,7 +160,7 @@ class TransformersModelRepository(ModelRepository):
         generation = self._result(loaded, params, finish, decoder, started, first_token_at)
         yield replace(generation, logprobs=tuple(logprobs)) if params.logprobs is not None else generation
 
-    async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
+    async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams, ticket: int = NO_TICKET) -> Decision:
         """Scores each label's tokens after the prompt (core/label_scoring.py): one scoring request
         reads every label's first token off the prompt's last logits; then labels of more tokens are
         scored by requests whose prompt's first part comes from the prefix cache the first one filled."""
@@ -164,7 +173,7 @@ class TransformersModelRepository(ModelRepository):
         loaded.check_fits(scoring.longest_prompt, 0)
         deadline = time.monotonic() + params.timeout_s
         with self._in_use(loaded):
-            first, finish = await self._score(loaded, scoring.first, deadline, params)
+            first, finish = await self._score(loaded, scoring.first, deadline, params, ticket)
             rest = await asyncio.gather(
                 *(self._score(loaded, request, deadline, params) for request in scoring.rest)
             )
@@ -182,11 +191,16 @@ class TransformersModelRepository(ModelRepository):
         )
 
     async def _score(
-        self, loaded: LoadedModel, scoring: ScoringRequest, deadline: float, params: ClassifyParams
+        self,
+        loaded: LoadedModel,
+        scoring: ScoringRequest,
+        deadline: float,
+        params: ClassifyParams,
+        ticket: int = NO_TICKET,
     ) -> tuple[tuple[tuple[float, ...], ...], FinishEvent]:
         """The log probabilities the scoring request reads at each of its scored positions."""
         request = SamplingRequest(
-            scoring.prompt_ids, 0, 0.0, deadline, priority=params.priority, scored=scoring.scored
+            scoring.prompt_ids, 0, 0.0, deadline, priority=params.priority, scored=scoring.scored, ticket=ticket
         )
         events = EventStream()
         sequence = self._submit(loaded, request, events, params.timeout_by)
@@ -320,12 +334,8 @@ class TransformersModelRepository(ModelRepository):
         except QueueFull:
             raise self._overloaded(loaded) from None
         except PastDeadline as late:
-            limit = "its timeout" if timeout_by == REQUEST_TIMEOUT else "MAX_GENERATION_TIME"
-            raise OverloadedError(
-                f"{loaded.model_id!r} is busy: behind the requests ahead of it, this one would take about "
-                f"{late.expected_s:.1f}s, past {limit} ({late.allowed_s:.1f}s left); retry later",
-                retry_after_s=late.expected_s - late.allowed_s,
-            ) from None
+            by_own_timeout = timeout_by == REQUEST_TIMEOUT
+            raise OverloadedError.past_deadline(loaded.model_id, late.expected_s, late.allowed_s, by_own_timeout) from None
 
     @staticmethod
     def _token_logprob(loaded: LoadedModel, token_id: int, logprobs: TokenLogprobs) -> TokenLogprob:

@@ -21,6 +21,7 @@ from domain import ClassifyParams, Generation, GenerationParams, ModelServiceErr
 from settings import ConfigurationError, get_settings
 
 from .core.loop_bridge import off_loop
+from .core.queue_board import NO_TICKET, QueueBoard
 from .models.catalog import BentoModelStoreCatalog
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class GenerationEngine:
         configure_torch(settings.cpu_threads, settings.gpu_memory_fraction)
         self.executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="engine")
         self.catalog = BentoModelStoreCatalog()
+        self.queue_board = QueueBoard.of_this_server()
+        if self.queue_board is not None:
+            self.queue_board.clear()  # a restarted engine: what the one before published died with it
         limits = memory.MemoryLimits(settings.max_memory_usage, settings.min_memory_gb, settings.gpu_memory_fraction)
         batching = BatchingOptions(
             max_batch_size=settings.max_batch_size,
@@ -90,6 +94,7 @@ class GenerationEngine:
             batching=batching,
             quantization_setting=settings.quantization,
             linear_kernels=settings.linear_kernels,
+            queue_board=self.queue_board,
         )
         self.watchdog = MemoryWatchdog(
             self.repository, limits, keep={settings.default_model_id}, idle_timeout_s=settings.model_idle_timeout
@@ -113,8 +118,10 @@ class GenerationEngine:
             logger.error("preloading the default model failed: %s", done.exception())
 
     @bentoml.on_shutdown
-    def stop_watchdog(self) -> None:
+    def shut_down(self) -> None:
         self.watchdog.stop()
+        if self.queue_board is not None:
+            self.queue_board.path.unlink(missing_ok=True)
 
     async def __is_ready__(self) -> bool:
         """Not ready while the default model preloads or if that failed, after a scheduler died, or while draining."""
@@ -144,14 +151,20 @@ class GenerationEngine:
         return await reply(models())
 
     @bentoml.api
-    async def stream_text(self, model_id: str, prompt: dict[str, Any], params: dict[str, Any]) -> AsyncGenerator[str, None]:
+    async def stream_text(
+        self, model_id: str, prompt: dict[str, Any], params: dict[str, Any], ticket: int = NO_TICKET
+    ) -> AsyncGenerator[str, None]:
         """Newline-delimited JSON: `{"text"}` as tokens come (with `"logprobs"` when asked for), then
         `{"generation"}`, or `{"error", "error_type"}`.
-        `prompt` and `params` are the domain's Prompt and GenerationParams as their to_dict gives them.
+        `prompt` and `params` are the domain's Prompt and GenerationParams as their to_dict gives them;
+        `ticket` is the request's reservation on the queue board (core/queue_board.py).
 
         When the caller disconnects, BentoML closes this generator and the sequence leaves its batch."""
         try:
-            async for item in self.repository.stream_text(model_id, Prompt.from_dict(prompt), GenerationParams.from_dict(params)):
+            generation = self.repository.stream_text(
+                model_id, Prompt.from_dict(prompt), GenerationParams.from_dict(params), ticket
+            )
+            async for item in generation:
                 if isinstance(item, Generation):
                     message = {"generation": item.to_dict()}
                 elif item.logprobs:
@@ -163,9 +176,13 @@ class GenerationEngine:
             yield json.dumps(error.to_dict()) + "\n"
 
     @bentoml.api
-    async def classify(self, model_id: str, prompt: dict[str, Any], params: dict[str, Any]) -> Reply:
+    async def classify(
+        self, model_id: str, prompt: dict[str, Any], params: dict[str, Any], ticket: int = NO_TICKET
+    ) -> Reply:
         async def decision() -> dict[str, Any]:
-            found = await self.repository.classify(model_id, Prompt.from_dict(prompt), ClassifyParams.from_dict(params))
+            found = await self.repository.classify(
+                model_id, Prompt.from_dict(prompt), ClassifyParams.from_dict(params), ticket
+            )
             return found.to_dict()
 
         return await reply(decision())

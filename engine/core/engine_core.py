@@ -19,10 +19,14 @@ import abc
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from .block_manager import block_hashes
 from .scheduler import ScheduledStep, Scheduler, StepOutput
 from .sequence import FinishReason, SamplingRequest, Sequence, Sink
+
+if TYPE_CHECKING:
+    from .queue_board import QueueBoard
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +59,17 @@ class StepRunner(abc.ABC):
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner: StepRunner, batch_wait_s: float = 0.0, name: str = "model") -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: StepRunner,
+        batch_wait_s: float = 0.0,
+        name: str = "model",
+        board: QueueBoard | None = None,
+    ) -> None:
         self.scheduler = scheduler
+        self.name = name
+        self._board = board  # where the API workers read this model's queue (queue_board.py)
         self._runner = runner
         self.batch_wait_s = batch_wait_s
         self._wakeup = threading.Condition()
@@ -82,6 +95,8 @@ class EngineCore:
         self._thread.join(timeout=60)
         with self._wakeup:
             self.scheduler.finish_all(reason)
+        if self._board is not None:
+            self._board.withdraw(self.name)
 
     def submit(self, request: SamplingRequest, sink: Sink) -> Sequence:
         """Queues the request; raises QueueFull when the queue is full and PastDeadline when it would
@@ -90,7 +105,10 @@ class EngineCore:
         sequence = Sequence(request, sink, block_hashes(request.prompt_ids))
         with self._wakeup:
             if not self._stopped:
-                self.scheduler.add(sequence, time.monotonic())
+                try:
+                    self.scheduler.add(sequence, time.monotonic())
+                finally:  # admitted or refused, its work is the scheduler's to count, not the ticket's
+                    self._publish(admitted_ticket=request.ticket)
                 if self._in_flight_abortable and request.priority < self._in_flight.most_urgent:
                     self._runner.abort()
                 self._wakeup.notify()
@@ -159,3 +177,9 @@ class EngineCore:
             self.scheduler.rate.observe(prompt_tokens, len(step.decoding), seconds)
             self.scheduler.update(step, output, time.monotonic())
             self._owed.difference_update(step.sequence_ids)
+            self._publish()
+
+    def _publish(self, admitted_ticket: int = 0) -> None:
+        """Under the lock: the rate and backlog the API workers shed by."""
+        if self._board is not None:
+            self._board.publish(self.name, self.scheduler, admitted_ticket)

@@ -42,19 +42,11 @@ from .sequence import (
     TokenEvent,
     TokenLogprobs,
 )
-from .service_rate import ServiceRate, Work
+from .service_rate import Backlog, PastDeadline, ServiceRate, Work, check_deadline
 
 
 class QueueFull(Exception):
     """The waiting queue holds max_queue_size sequences already."""
-
-
-class PastDeadline(Exception):
-    """At the rate this engine serves, the request would finish after its deadline."""
-
-    def __init__(self, expected_s: float, allowed_s: float) -> None:
-        super().__init__(f"expected to finish in {expected_s:.1f}s, past its deadline in {allowed_s:.1f}s")
-        self.expected_s, self.allowed_s = expected_s, allowed_s
 
 
 @dataclass(frozen=True)
@@ -176,11 +168,14 @@ class Scheduler:
         a retry would not help). A full queue drops its newest sequence of the lowest priority for it
         if that priority is lower than the sequence's, else raises QueueFull."""
         sequence.prompt_work = sequence.prompt_length - self.blocks.cached_tokens(sequence.prompt_ids, sequence.hashes)
-        allowed = sequence.request.deadline - now
-        expected = self.expected_finish_s(sequence)
-        if expected is not None and expected > allowed and self.expected_finish_s(sequence, alone=True) <= allowed:
+        own = Work(sequence.prompt_work, sequence.request.max_new_tokens)
+        try:
+            expected = check_deadline(self.backlog(sequence.request.priority), own, self.rate, sequence.request.deadline - now)
+        except PastDeadline:
             self._metrics.shed.inc()
-            raise PastDeadline(expected, allowed)
+            raise
+        if expected is not None:
+            self._metrics.expected_finish.observe(expected)
         if self.queue_full:
             if self.refuses(sequence.request.priority):
                 raise QueueFull(f"{len(self.waiting)} sequences are waiting (max_queue_size={self.max_queue_size})")
@@ -191,22 +186,15 @@ class Scheduler:
             place -= 1
         self.waiting.insert(place, sequence)
 
-    def expected_finish_s(self, sequence: Sequence, alone: bool = False) -> float | None:
-        """Seconds until the sequence, queued now, would be done (service_rate.py), behind the work
-        admitted or on an idle engine; None until the rate is measured."""
-        own = Work(sequence.prompt_work, sequence.request.max_new_tokens)
-        if alone:
-            return self.rate.finish_in((), (), own, self.max_batch_size)
-        priority = sequence.request.priority
+    def backlog(self, priority: int) -> Backlog:
+        """The work ahead of a request of this priority queued now: the running sequences' and the
+        waiting ones' of the same priority or more urgent (less urgent work is not ahead)."""
         running = (
             Work(0 if s.decoding else s.prompt_length - s.computed, s.request.max_new_tokens - len(s.output_ids))
             for s in self.running
         )
         ahead = (Work(s.prompt_work, s.request.max_new_tokens) for s in self.waiting if s.request.priority <= priority)
-        expected = self.rate.finish_in(running, ahead, own, self.max_batch_size)
-        if expected is not None:
-            self._metrics.expected_finish.observe(expected)
-        return expected
+        return Backlog.of(self.max_batch_size, (*running, *ahead))
 
     def schedule(self, now: float) -> ScheduledStep | None:
         """The next step, or None when no sequence is running."""

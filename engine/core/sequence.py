@@ -99,6 +99,7 @@ class SamplingRequest:
     priority: int = DEFAULT_PRIORITY  # lower runs first, as in vLLM; equal priorities keep their order of arrival
     grammar: Callable[[], TokenMask] | None = None  # a fresh constraint for the sequence (a compiled grammar's matcher)
     scored: tuple[ScoredPosition, ...] = ()  # a scoring request: no token is generated, the prompt's logits answer
+    ticket: int = 0  # its work's reservation on the queue board (queue_board.py), cleared as it is admitted
 
     @property
     def scoring(self) -> bool:

@@ -30,11 +30,26 @@ class Work:
     decode_steps: int
 
 
+class PastDeadline(Exception):
+    """At the rate this engine serves, the request would finish after its deadline."""
+
+    def __init__(self, expected_s: float, allowed_s: float) -> None:
+        super().__init__(f"expected to finish in {expected_s:.1f}s, past its deadline in {allowed_s:.1f}s")
+        self.expected_s, self.allowed_s = expected_s, allowed_s
+
+
 class ServiceRate:
     def __init__(self, slower: float = 0.5, faster: float = 0.1) -> None:
         self._slower, self._faster = slower, faster  # the moving averages' weights of a new sample
         self.prompt_token_s: float | None = None  # P
         self.decode_step_s: float | None = None  # D
+
+    @classmethod
+    def of(cls, prompt_token_s: float, decode_step_s: float) -> ServiceRate:
+        """A rate measured elsewhere (the engine's, read off the queue board)."""
+        rate = cls()
+        rate.prompt_token_s, rate.decode_step_s = prompt_token_s, decode_step_s
+        return rate
 
     @property
     def known(self) -> bool:
@@ -57,12 +72,44 @@ class ServiceRate:
     def finish_in(self, running: Iterable[Work], ahead: Iterable[Work], own: Work, batch_size: int) -> float | None:
         """Seconds until `own` would be done behind the `running` sequences and those queued `ahead`
         of it (in queue order); None until both rates have been measured."""
-        if not self.known:
+        return Backlog.of(batch_size, (*running, *ahead)).finish_in(own, self)
+
+
+@dataclass
+class Backlog:
+    """The batch slots' replay of work admitted: the decode step at which each slot frees (a heap),
+    and the prompt tokens still to compute."""
+
+    slots: list[int]
+    prompt_tokens: int = 0
+
+    @classmethod
+    def of(cls, batch_size: int, works: Iterable[Work]) -> Backlog:
+        backlog = cls([0] * batch_size)
+        for work in works:
+            backlog.add(work)
+        return backlog
+
+    def add(self, work: Work) -> None:
+        """The work takes the first slot that frees, for its decode steps."""
+        self.prompt_tokens += work.prompt_tokens
+        heapq.heapreplace(self.slots, self.slots[0] + work.decode_steps)
+
+    def finish_in(self, own: Work, rate: ServiceRate) -> float | None:
+        """Seconds until `own`, behind this backlog, would be done: every prompt ahead and its own are
+        computed, and it decodes from when a slot frees for it."""
+        if not rate.known:
             return None
-        slots = [0] * batch_size  # the decode step at which each slot frees
-        prompt_tokens = own.prompt_tokens
-        for work in (*running, *ahead):
-            prompt_tokens += work.prompt_tokens
-            heapq.heapreplace(slots, slots[0] + work.decode_steps)
-        starts_at = slots[0]
-        return self.prompt_token_s * prompt_tokens + self.decode_step_s * (starts_at + own.decode_steps)
+        prompt_tokens = self.prompt_tokens + own.prompt_tokens
+        return rate.prompt_token_s * prompt_tokens + rate.decode_step_s * (self.slots[0] + own.decode_steps)
+
+
+def check_deadline(backlog: Backlog, own: Work, rate: ServiceRate, allowed_s: float) -> float | None:
+    """The seconds until `own`, behind `backlog`, would be done (None until the rate is measured).
+    Raises PastDeadline when that is after `allowed_s`, unless it would miss it even alone: its
+    max_new_tokens is only a cap, and a retry would not help."""
+    expected = backlog.finish_in(own, rate)
+    if expected is not None and expected > allowed_s:
+        if Backlog.of(len(backlog.slots), ()).finish_in(own, rate) <= allowed_s:
+            raise PastDeadline(expected, allowed_s)
+    return expected

@@ -27,6 +27,7 @@ from ..core.engine_core import EngineCore
 from ..core.grammar import GrammarCompiler
 from ..core.kv_cache import PagedKVCache
 from ..core.model_runner import ModelRunner
+from ..core.queue_board import QueueBoard
 from ..core.scheduler import Scheduler
 from ..layers import paged_attention
 from ..layers.fused_decoder import fuse_decoder
@@ -175,8 +176,10 @@ class ModelLoader:
         batching: BatchingOptions,
         linear_kernels: Choice = Choice.TUNED,
         tuning_folder: Path | None = None,
+        queue_board: QueueBoard | None = None,
     ) -> None:
         self._memory_limits = memory_limits
+        self._queue_board = queue_board
         self._dtype_setting = dtype
         self._quantization_setting = quantization_setting
         self._batching = batching
@@ -337,4 +340,5 @@ class ModelLoader:
             max_queue_size=batching.max_queue_size,
             metrics=SchedulerMetrics.for_model(model_id),
         )
-        return EngineCore(scheduler, ModelRunner(model, cache, eos), batching.batch_wait_s, name=model_id)
+        runner = ModelRunner(model, cache, eos)
+        return EngineCore(scheduler, runner, batching.batch_wait_s, name=model_id, board=self._queue_board)

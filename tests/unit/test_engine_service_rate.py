@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.core.scheduler import PastDeadline
-from engine.core.service_rate import ServiceRate, Work
+from engine.core.service_rate import PastDeadline, ServiceRate, Work
 from tests.unit.fakes import ScriptedRunner
 from tests.unit.test_engine_scheduler import NOW, prompt_of, scheduler, step, submit
 

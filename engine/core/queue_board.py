@@ -1,0 +1,204 @@
+"""The engine's queues as the API workers see them: a board in shared memory, so that a request the
+queue would push past its deadline is refused in the API worker at once, before the hop to the
+engine and its tokenizer, which a busy machine slows the most. (Scheduler.add decides again, exactly,
+for the requests let through.)
+
+One board per `bentoml serve`: a file named by the process that started the workers. The engine
+core of each loaded model publishes its service rate and the replay of its admitted work
+(service_rate.Backlog) after each step, and adds each sequence it admits. An API worker that lets a
+request through reserves the request's estimated work with a ticket, which travels with the request;
+the engine core clears the ticket as the sequence joins its queue (or is refused), in the same
+update that adds it, so work on its way is counted once, by one of the two. A worker clears its
+tickets as its requests end (an engine that never got them); a ticket older than TICKET_TTL_S is
+ignored (its worker died on the way).
+
+The backlog is kept in two views: the work ahead of a request of normal priority (running sequences,
+and waiting ones of normal priority or more urgent), and the work ahead of the least urgent one (all
+of it). A more urgent request is not checked here: only the engine sees what is less urgent than it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .sequence import DEFAULT_PRIORITY
+from .service_rate import Backlog, ServiceRate, Work, check_deadline
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+MAX_PRIORITY = 100  # domain.generation.MAX_PRIORITY: the least urgent request
+VIEWS = (DEFAULT_PRIORITY, MAX_PRIORITY)  # a view counts the waiting work of its priority or more urgent
+MAX_MODELS = 8  # loaded at once; a model past them is simply not checked before the hop
+MAX_SLOTS = 1024  # settings' bound on MAX_BATCH_SIZE
+MAX_TICKETS = 4096  # requests on their way at once; past them, a request goes untracked
+TICKET_TTL_S = 60.0  # a hop takes seconds at most; a ticket older than this lost its worker
+NO_TICKET = 0
+
+HEADER = np.dtype([("next_serial", "u8")])
+MODEL = np.dtype(
+    [
+        ("name", "S64"),
+        ("prompt_token_s", "f8"),  # 0: not measured yet
+        ("decode_step_s", "f8"),
+        ("batch_size", "u4"),
+        ("prompt_tokens", "u8", (len(VIEWS),)),
+        ("slots", "u4", (len(VIEWS), MAX_SLOTS)),  # each view's heap of the step at which each slot frees
+    ]
+)
+TICKET = np.dtype(
+    [
+        ("serial", "u8"),  # 0: free
+        ("created", "f8"),  # time.monotonic(), which every process of the machine shares
+        ("model", "i4"),
+        ("priority", "i4"),
+        ("prompt_tokens", "u4"),
+        ("decode_steps", "u4"),
+    ]
+)
+SIZE = HEADER.itemsize + MAX_MODELS * MODEL.itemsize + MAX_TICKETS * TICKET.itemsize
+
+
+def board_path() -> Path:
+    """The same file for the engine and the API workers of one `bentoml serve`: their parent's."""
+    return Path(tempfile.gettempdir()) / f"ai-model-queues-{os.getppid()}.board"
+
+
+class QueueBoard:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_size < SIZE:
+                os.ftruncate(fd, SIZE)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            self._map = mmap.mmap(fd, SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._header = np.ndarray((1,), HEADER, self._map, 0)
+        self._models = np.ndarray((MAX_MODELS,), MODEL, self._map, HEADER.itemsize)
+        self._tickets = np.ndarray((MAX_TICKETS,), TICKET, self._map, HEADER.itemsize + MAX_MODELS * MODEL.itemsize)
+        self._thread_lock = threading.Lock()  # flock does not exclude the threads of one process
+
+    @classmethod
+    def of_this_server(cls) -> QueueBoard | None:
+        """None where shared memory is not to be had: requests then go to the engine unchecked."""
+        try:
+            return cls(board_path())
+        except OSError:
+            return None
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _model_index(self, model_id: str) -> int | None:
+        found = np.flatnonzero(self._models["name"] == model_id.encode())
+        return int(found[0]) if found.size else None
+
+    # The engine's side.
+
+    def clear(self) -> None:
+        """A starting engine: whatever a previous one published is gone with it."""
+        with self._locked():
+            self._models[:] = np.zeros((), MODEL)
+            self._tickets[:] = np.zeros((), TICKET)
+
+    def publish(self, model_id: str, scheduler: Scheduler, admitted_ticket: int = NO_TICKET) -> None:
+        """The model's rate and backlog as the scheduler has them now; `admitted_ticket` is the ticket
+        of a request the scheduler has just admitted or refused, whose work it now counts itself."""
+        rate = scheduler.rate
+        backlogs = [scheduler.backlog(view) for view in VIEWS]
+        with self._locked():
+            index = self._model_index(model_id)
+            if index is None:
+                free = np.flatnonzero(self._models["name"] == b"")
+                if not free.size:
+                    return
+                index = int(free[0])
+            models = self._models
+            models["name"][index] = model_id.encode()
+            models["prompt_token_s"][index] = rate.prompt_token_s or 0.0
+            models["decode_step_s"][index] = rate.decode_step_s or 0.0
+            models["batch_size"][index] = scheduler.max_batch_size
+            for view, backlog in enumerate(backlogs):
+                models["prompt_tokens"][index, view] = backlog.prompt_tokens
+                models["slots"][index, view, : len(backlog.slots)] = backlog.slots
+            if admitted_ticket != NO_TICKET:
+                self._tickets[self._tickets["serial"] == admitted_ticket] = np.zeros((), TICKET)
+
+    def withdraw(self, model_id: str) -> None:
+        """An unloaded model: nothing is checked for it any more."""
+        with self._locked():
+            index = self._model_index(model_id)
+            if index is not None:
+                self._models[index] = np.zeros((), MODEL)
+                self._tickets[self._tickets["model"] == index] = np.zeros((), TICKET)
+
+    # The API workers' side.
+
+    def reserve(self, model_id: str, own: Work, priority: int, allowed_s: float) -> int:
+        """A ticket for the request's work on its way to the engine (NO_TICKET for a model not on the
+        board); raises PastDeadline when the work ahead of it would make it finish after `allowed_s`."""
+        now = time.monotonic()
+        with self._locked():
+            index = self._model_index(model_id)
+            if index is None:
+                return NO_TICKET
+            entry = self._models[index].copy()
+            if priority >= DEFAULT_PRIORITY and entry["decode_step_s"] > 0 and entry["prompt_token_s"] > 0:
+                view = 0 if priority <= VIEWS[0] else 1
+                backlog = Backlog(entry["slots"][view, : entry["batch_size"]].tolist(), int(entry["prompt_tokens"][view]))
+                tickets = self._tickets
+                on_the_way = tickets[
+                    (tickets["serial"] != NO_TICKET)
+                    & (tickets["model"] == index)
+                    & (tickets["priority"] <= VIEWS[view])
+                    & (tickets["created"] > now - TICKET_TTL_S)
+                ]
+                for ticket in np.sort(on_the_way, order="serial"):
+                    backlog.add(Work(int(ticket["prompt_tokens"]), int(ticket["decode_steps"])))
+                rate = ServiceRate.of(float(entry["prompt_token_s"]), float(entry["decode_step_s"]))
+                check_deadline(backlog, own, rate, allowed_s)
+            return self._new_ticket(now, index, own, priority)
+
+    def _new_ticket(self, now: float, model: int, own: Work, priority: int) -> int:
+        tickets = self._tickets
+        free = np.flatnonzero((tickets["serial"] == NO_TICKET) | (tickets["created"] <= now - TICKET_TTL_S))
+        if not free.size:
+            return NO_TICKET
+        serial = int(self._header[0]["next_serial"]) + 1
+        self._header[0]["next_serial"] = serial
+        tickets[free[0]] = (serial, now, model, priority, own.prompt_tokens, own.decode_steps)
+        return serial
+
+    def release(self, ticket: int) -> None:
+        """The request ended: its ticket, if the engine did not clear it, goes."""
+        if ticket == NO_TICKET:
+            return
+        with self._locked():
+            self._tickets[self._tickets["serial"] == ticket] = np.zeros((), TICKET)
+
+    def close(self) -> None:
+        self._header = self._models = self._tickets = None
+        self._map.close()
+        os.close(self._fd)

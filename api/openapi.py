@@ -2,7 +2,7 @@
 500 bodies, which our routes never send, and FastAPI documents its own 422 body on /v1; our routes
 answer the error statuses of `STATUS_BY_ERROR_TYPE` with `{"error", "error_type"}` (on /v1, OpenAI's
 `{"error": {"message", "type", "param", "code"}}`), the streaming routes answer server-sent events,
-and the schemas are OpenAPI 3.1's."""
+BentoML's task routes answer what its server really writes, and the schemas are OpenAPI 3.1's."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from _bentoml_impl.tasks.result import ResultStatus
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -30,6 +31,17 @@ ERROR_SCHEMA = {
     },
 }
 OPENAI_ERROR_SCHEMA_NAME = OpenAIErrorResponse.__name__
+TASK_STATUS_SCHEMA_NAME = "TaskStatusResponse"
+TASK_SUBMITTED_SCHEMA_NAME = "TaskSubmittedResponse"
+TASK_SUBMITTED_SCHEMA = {
+    "type": "object",
+    "title": TASK_SUBMITTED_SCHEMA_NAME,
+    "required": ["task_id", "status"],
+    "properties": {
+        "task_id": {"type": "string", "description": "for /status and /get"},
+        "status": {"type": "string", "const": ResultStatus.IN_PROGRESS.value},
+    },
+}
 
 
 def event_stream(data: str) -> dict[str, Any]:
@@ -64,6 +76,42 @@ def error_responses(error_types: Iterable[str], schema_name: str) -> dict[str, d
         }
         for status, types in sorted(types_by_status.items())
     }
+
+
+def json_response(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def either_response(responses: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """`responses` and `more` by status; where both document a status, it answers either one's body."""
+    merged = dict(responses)
+    for status, response in more.items():
+        if status in merged:
+            schemas = [answer["content"]["application/json"]["schema"] for answer in (merged[status], response)]
+            response = json_response({"anyOf": schemas}, f"{merged[status]['description']}; {response['description']}")
+        merged[status] = response
+    return dict(sorted(merged.items()))
+
+
+def document_task(spec: dict[str, Any], route: str) -> None:
+    """BentoML documents the task's routes with answers its server does not give: /submit and /retry answer
+    only the new task's id and `in_progress`, and /status the values of BentoML's `ResultStatus`. /get
+    answers the task's own stored answer, success or error, or BentoML's 400 while the task runs and 404
+    for an id it does not know; /submit answers BentoML's 500 where it cannot record the task."""
+    paths = spec["paths"]
+    task = paths[route]["post"]["responses"]
+    bentoml_errors = paths[f"{route}/status"]["get"]["responses"]
+    submitted = {"200": json_response({"$ref": SCHEMAS_REF + TASK_SUBMITTED_SCHEMA_NAME}, "the task is recorded and runs")}
+    for action in ("submit", "retry"):
+        paths[f"{route}/{action}"]["post"]["responses"].update(submitted)
+    submit = paths[f"{route}/submit"]["post"]
+    submit["responses"] = either_response(submit["responses"], {"500": bentoml_errors["500"]})
+    result = paths[f"{route}/get"]["get"]
+    own_errors = {status: answer for status, answer in result["responses"].items() if not status.startswith("2")}
+    task_errors = {status: answer for status, answer in task.items() if not status.startswith("2")}
+    result["responses"] = {"200": task["200"], **either_response(own_errors, task_errors)}
+    statuses = spec["components"]["schemas"][TASK_STATUS_SCHEMA_NAME]["properties"]["status"]
+    statuses["enum"] = [status.value for status in ResultStatus]
 
 
 def whole_request_schemas(spec: dict[str, Any]) -> None:
@@ -110,6 +158,7 @@ def document_errors(
     exact_models: Iterable[type[BaseModel]] = (),
     answers: Mapping[str, Iterable[type[BaseModel]]] | None = None,
     unserved: Iterable[str] = (),
+    task_routes: Iterable[str] = (),
 ) -> dict[str, Any]:
     """A copy of `spec` whose routes in `errors_by_route` list their success and the errors they answer,
     in OpenAI's shape on `openai_routes`, instead of the generic errors BentoML or FastAPI put there.
@@ -118,7 +167,8 @@ def document_errors(
     them: BentoML and FastAPI round every numeric bound through a float (2**63 - 1 becomes 2**63).
     `answers` maps a route that answers one of several bodies to their models: BentoML documents
     only one body per API (it flattens a union to its first member). `unserved` routes are left out:
-    BentoML declares them, but under `bentoml serve` they refuse every request."""
+    BentoML declares them, but under `bentoml serve` they refuse every request. `task_routes` are
+    BentoML tasks, documented by `document_task` from their own route's documentation."""
     spec = json.loads(json.dumps(spec))  # a deep copy, with statuses as JSON writes them: strings
     for route in unserved:
         spec["paths"].pop(route, None)
@@ -129,7 +179,7 @@ def document_errors(
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     answer_models = [model for models in (answers or {}).values() for model in models]
     schemas.update(
-        {ERROR_SCHEMA_NAME: ERROR_SCHEMA, **pydantic_schemas([OpenAIErrorResponse, *exact_models, *answer_models])}
+        {ERROR_SCHEMA_NAME: ERROR_SCHEMA, TASK_SUBMITTED_SCHEMA_NAME: TASK_SUBMITTED_SCHEMA, **pydantic_schemas([OpenAIErrorResponse, *exact_models, *answer_models])}
     )
     for route, models in (answers or {}).items():
         for operation in spec["paths"][route].values():
@@ -145,6 +195,8 @@ def document_errors(
         success = spec["paths"][route]["post"]["responses"]["200"]
         json_answer = {key: media for key, media in success["content"].items() if key == "application/json"}
         success["content"] = {**json_answer, **event_stream(data)}
+    for route in task_routes:
+        document_task(spec, route)
     without_unused_schemas(spec)
     return spec
 

@@ -14,6 +14,7 @@ from api.errors import STATUS_BY_ERROR_TYPE, error_response, openai_error_body
 from api.openai import build_openai_app
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from api.openapi import ERROR_SCHEMA_NAME, OPENAI_ERROR_SCHEMA_NAME, DocumentedErrorsMiddleware, document_errors
+from api.schemas import GenerateResponse
 
 OPTIONAL_ID = {"anyOf": [{"type": "string"}, {"type": "null"}]}
 OPENAI_ROUTES = {"/v1/models", "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions"}
@@ -233,3 +234,72 @@ def test_a_route_with_several_answers_documents_each():
     check = Draft202012Validator({**answer, "components": documented["components"]})
     assert check.is_valid({"result": "yes"}) and check.is_valid({"results": [{"result": "no"}]})
     assert not check.is_valid({"results": "no"})
+
+
+def task_spec() -> dict:
+    """A task's routes as BentoML 1.4 documents them: each with its generic 400, 404 and 500."""
+    bentoml_errors = {
+        str(status): {"description": name, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+        for status, name in ((400, "InvalidArgument"), (404, "NotFound"), (500, "InternalServerError"))
+    }
+    bentoml_status = {"description": "ok", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskStatusResponse"}}}}
+    answer = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
+    error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}
+    status_values = ["in_progress", "success", "failure", "cancelled"]
+    return {
+        "openapi": "3.0.2",
+        "paths": {
+            "/task": {"post": {"responses": {"200": answer, **bentoml_errors}}},
+            "/task/submit": {"post": {"responses": {"200": bentoml_status, **bentoml_errors}}},
+            "/task/retry": {"post": {"responses": {"200": bentoml_status, **bentoml_errors}}},
+            "/task/status": {"get": {"responses": {"200": bentoml_status, **bentoml_errors}}},
+            "/task/get": {"get": {"responses": {"200": answer, **bentoml_errors}}},
+        },
+        "components": {
+            "schemas": {
+                "TaskStatusResponse": {"type": "object", "properties": {"status": {"type": "string", "enum": status_values}}},
+                **dict.fromkeys(("InvalidArgument", "NotFound", "InternalServerError"), error),
+            }
+        },
+    }
+
+
+class TestTaskRoutes:
+    """What BentoML's server answers on a task's routes (bentoml 1.4's _bentoml_impl/server/app.py)."""
+
+    @staticmethod
+    def documented() -> dict:
+        errors = {"/task": {"validation_error", "model_not_found", "generation_timeout"}, "/task/submit": {"validation_error"}}
+        return document_errors(task_spec(), errors_by_route=errors, answers={"/task": (GenerateResponse,)}, task_routes=["/task"])
+
+    def answer_validator(self, spec: dict, route: str, method: str, status: str) -> Draft202012Validator:
+        schema = spec["paths"][route][method]["responses"][status]["content"]["application/json"]["schema"]
+        return Draft202012Validator({**schema, "components": spec["components"]})
+
+    def test_submit_and_retry_answer_the_new_tasks_id_and_in_progress_only(self):
+        spec = self.documented()
+        for route in ("/task/submit", "/task/retry"):
+            answer = self.answer_validator(spec, route, "post", "200")
+            assert answer.is_valid({"task_id": "0c50", "status": "in_progress"})
+            assert not answer.is_valid({"task_id": "0c50", "status": "completed"})
+
+    def test_submit_answers_its_refusals_and_bentomls_500_where_the_task_cannot_be_recorded(self):
+        responses = self.documented()["paths"]["/task/submit"]["post"]["responses"]
+        assert sorted(responses) == ["200", "422", "500"]
+        assert self.answer_validator(self.documented(), "/task/submit", "post", "500").is_valid({"error": "database is locked"})
+
+    def test_status_answers_the_values_bentomls_server_writes(self):
+        answer = self.answer_validator(self.documented(), "/task/status", "get", "200")
+        for status in ("in_progress", "completed", "failed"):
+            assert answer.is_valid({"status": status})
+        assert not answer.is_valid({"status": "success"})  # what BentoML documents, and never writes
+
+    def test_get_answers_the_tasks_own_answer_or_error_and_bentomls_for_an_unknown_or_unfinished_task(self):
+        spec = self.documented()
+        responses = spec["paths"]["/task/get"]["get"]["responses"]
+        assert sorted(responses) == ["200", "400", "404", "422", "500", "504"]
+        assert responses["200"] == spec["paths"]["/task"]["post"]["responses"]["200"]
+        not_found = self.answer_validator(spec, "/task/get", "get", "404")
+        assert not_found.is_valid({"error": "task_id not found"})
+        assert not_found.is_valid({"error": "model_id 'x' is not in the model store", "error_type": "model_not_found"})
+        assert self.answer_validator(spec, "/task/get", "get", "504").is_valid({"error": "timeout", "error_type": "generation_timeout"})

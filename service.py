@@ -191,7 +191,7 @@ class AIModelService:
     async def unload_model(self, **request: Any) -> ModelStateResponse:
         return await answer(self._model_state("unloaded", self.models.unload_model(UnloadModel(**request))))
 
-    @bentoml.api(route="/optimize-memory")
+    @bentoml.api(route="/optimize-memory", input_spec=EmptyRequest)
     async def optimize_memory(self) -> OptimizeMemoryResponse:
         return await answer(self._optimized())
 

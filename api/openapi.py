@@ -116,7 +116,8 @@ def document_task(spec: dict[str, Any], route: str) -> None:
 
 def whole_request_schemas(spec: dict[str, Any]) -> None:
     """BentoML inlines each API's request schema flattened, and flattening drops `null` from an
-    optional field's `anyOf`; the same schema among the components is whole, so point there."""
+    optional field's `anyOf`; the same schema among the components is whole, so point there. A body
+    with a required field is itself required: no body reads as `{}`, which lacks the field."""
     schemas = spec.get("components", {}).get("schemas", {})
     for path_item in spec["paths"].values():
         for operation in path_item.values():
@@ -124,6 +125,8 @@ def whole_request_schemas(spec: dict[str, Any]) -> None:
             title = media.get("schema", {}).get("title") if media else None
             if title in schemas:
                 media["schema"] = {"$ref": SCHEMAS_REF + title}
+                if schemas[title].get("required"):
+                    operation["requestBody"]["required"] = True
 
 
 def _refs(node: Any) -> Iterator[str]:

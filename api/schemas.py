@@ -92,7 +92,13 @@ ModelId = Annotated[
     str,
     Field(pattern=MODEL_ID_PATTERN, description="a model id in the model store, such as smollm2-135m-instruct"),
 ]
-DeviceName = Annotated[str | None, AfterValidator(_device_name), Field(description=f"one of {DEVICE_NAMES}")]
+# What validate_device takes: a name in any case, with whitespace around it.
+DEVICE_NAME_PATTERN = r"^\s*([Aa][Uu][Tt][Oo]|[Cc][Pp][Uu]|[Mm][Pp][Ss]|[Cc][Uu][Dd][Aa](:\d+)?)\s*$"
+DeviceName = Annotated[
+    Annotated[str, WithJsonSchema({"type": "string", "pattern": DEVICE_NAME_PATTERN})] | None,
+    AfterValidator(_device_name),
+    Field(description=f"one of {DEVICE_NAMES}"),
+]
 
 
 class Request(BaseModel):

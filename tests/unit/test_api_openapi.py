@@ -14,7 +14,8 @@ from api.errors import STATUS_BY_ERROR_TYPE, error_response, openai_error_body
 from api.openai import build_openai_app
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from api.openapi import ERROR_SCHEMA_NAME, OPENAI_ERROR_SCHEMA_NAME, DocumentedErrorsMiddleware, document_errors
-from api.schemas import GenerateResponse
+from api.schemas import GenerateResponse, request_schemas
+from settings import Settings
 
 OPTIONAL_ID = {"anyOf": [{"type": "string"}, {"type": "null"}]}
 OPENAI_ROUTES = {"/v1/models", "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions"}
@@ -111,6 +112,26 @@ def test_a_request_body_points_at_its_whole_schema_where_bentoml_inlined_a_flatt
     body = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/GenerateRequest"}
     assert spec["components"]["schemas"]["GenerateRequest"]["properties"]["model_id"] == OPTIONAL_ID  # null stays allowed
+
+
+@pytest.mark.parametrize("required_fields, body_required", [(["query"], True), ([], False)])
+def test_a_body_is_required_where_its_schema_requires_a_field(required_fields, body_required):
+    """The service reads no body as `{}`: valid only where the schema requires no field."""
+    declared = bentoml_spec()
+    declared["components"]["schemas"]["GenerateRequest"]["required"] = required_fields
+    spec = document_errors(declared, errors_by_route={})
+    assert spec["paths"]["/generate"]["post"]["requestBody"].get("required", False) is body_required
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", "mps", "cuda", "cuda:1", " CUDA:12 ", "Cpu\n", "tpu", "cuda:", "cuda:x", "", " ", None])
+def test_the_documented_device_accepts_exactly_what_load_model_accepts(device):
+    load_model = request_schemas(Settings()).load_model
+    try:
+        load_model.model_validate({"device": device})
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert Draft202012Validator(load_model.model_json_schema()).is_valid({"device": device}) == accepted
 
 
 class TestOpenAIRoutes:

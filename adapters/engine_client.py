@@ -42,8 +42,7 @@ ENGINE_UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Below the engine's keep-alive (uvicorn's 5 s), so the client drops an idle connection before the server does.
 ENGINE_KEEPALIVE_S = 2.0
-# The API worker's guess at a prompt's tokens, to shed by before the engine counts them: English in
-# a BPE vocabulary runs about four characters a token.
+# English in a BPE vocabulary runs about four characters a token.
 CHARS_PER_TOKEN = 4
 
 
@@ -53,6 +52,14 @@ def decode_line(line: str) -> str | Generation:
     if "generation" in message:
         return Generation.from_dict(message["generation"])
     return TextDelta(message["text"], tuple(map(TokenLogprob.from_dict, message.get("logprobs", ()))))
+
+
+def prompt_work(prompt: Prompt) -> int:
+    """The API worker's guess at the prompt tokens the engine will compute, to shed by before the
+    engine counts them. A leading system message is left out: requests share it, and the engine's
+    prefix cache holds it."""
+    messages = prompt.messages[1:] if prompt.messages and prompt.messages[0].role == "system" else prompt.messages
+    return (sum(len(message.content) for message in messages) + len(prompt.text or "")) // CHARS_PER_TOKEN
 
 
 def unreachable(error: Exception) -> EngineUnavailableError:
@@ -118,7 +125,7 @@ class EngineClient(ModelRepository, SystemMonitor):
         would make it finish after its deadline."""
         if self._board is None:
             return NO_TICKET
-        own = Work(prompt.characters // CHARS_PER_TOKEN, decode_steps)
+        own = Work(prompt_work(prompt), decode_steps)
         try:
             return self._board.reserve(model_id, own, priority, timeout_s)
         except PastDeadline as late:

@@ -80,10 +80,6 @@ class Prompt:
     def raw(cls, text: str) -> Prompt:
         return cls((), text)
 
-    @property
-    def characters(self) -> int:
-        return sum(len(message.content) for message in self.messages) + len(self.text or "")
-
     def to_list(self) -> list[dict[str, str]]:
         return [asdict(message) for message in self.messages]
 

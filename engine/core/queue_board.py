@@ -10,7 +10,10 @@ request through reserves the request's estimated work with a ticket, which trave
 the engine core clears the ticket as the sequence joins its queue (or is refused), in the same
 update that adds it, so work on its way is counted once, by one of the two. A worker clears its
 tickets as its requests end (an engine that never got them); a ticket older than TICKET_TTL_S is
-ignored (its worker died on the way).
+dropped (its worker died on the way).
+
+The board keeps, per model and view, the backlog the engine published and the same with the
+tickets on their way, so a reservation costs a heap update, not a replay of the queue.
 
 The backlog is kept in two views: the work ahead of a request of normal priority (running sequences,
 and waiting ones of normal priority or more urgent), and the work ahead of the least urgent one (all
@@ -42,24 +45,25 @@ MAX_PRIORITY = 100  # domain.generation.MAX_PRIORITY: the least urgent request
 VIEWS = (DEFAULT_PRIORITY, MAX_PRIORITY)  # a view counts the waiting work of its priority or more urgent
 MAX_MODELS = 8  # loaded at once; a model past them is simply not checked before the hop
 MAX_SLOTS = 1024  # settings' bound on MAX_BATCH_SIZE
-MAX_TICKETS = 4096  # requests on their way at once; past them, a request goes untracked
+MAX_TICKETS = 1024  # requests on their way at once; past them, a request goes untracked
 TICKET_TTL_S = 60.0  # a hop takes seconds at most; a ticket older than this lost its worker
 NO_TICKET = 0
 
 HEADER = np.dtype([("next_serial", "u8")])
+BACKLOGS = np.dtype([("prompt_tokens", "u8", (len(VIEWS),)), ("slots", "u4", (len(VIEWS), MAX_SLOTS))])
 MODEL = np.dtype(
     [
         ("name", "S64"),
         ("prompt_token_s", "f8"),  # 0: not measured yet
         ("decode_step_s", "f8"),
         ("batch_size", "u4"),
-        ("prompt_tokens", "u8", (len(VIEWS),)),
-        ("slots", "u4", (len(VIEWS), MAX_SLOTS)),  # each view's heap of the step at which each slot frees
+        ("admitted", BACKLOGS),  # each view's backlog as the engine published it
+        ("ahead", BACKLOGS),  # the same with the tickets on their way: what a new request is behind
     ]
 )
 TICKET = np.dtype(
     [
-        ("serial", "u8"),  # 0: free
+        ("serial", "u8"),  # NO_TICKET: free
         ("created", "f8"),  # time.monotonic(), which every process of the machine shares
         ("model", "i4"),
         ("priority", "i4"),
@@ -81,7 +85,8 @@ class QueueBoard:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_size < SIZE:
+            if os.fstat(fd).st_size != SIZE:  # new, or a board of another layout
+                os.ftruncate(fd, 0)
                 os.ftruncate(fd, SIZE)
             fcntl.flock(fd, fcntl.LOCK_UN)
             self._map = mmap.mmap(fd, SIZE)
@@ -115,6 +120,27 @@ class QueueBoard:
         found = np.flatnonzero(self._models["name"] == model_id.encode())
         return int(found[0]) if found.size else None
 
+    def _backlog(self, index: int, kind: str, view: int) -> Backlog:
+        backlogs = self._models[kind][index]
+        size = int(self._models["batch_size"][index])
+        return Backlog(backlogs["slots"][view, :size].tolist(), int(backlogs["prompt_tokens"][view]))
+
+    def _store(self, index: int, kind: str, view: int, backlog: Backlog) -> None:
+        backlogs = self._models[kind]
+        backlogs["prompt_tokens"][index, view] = backlog.prompt_tokens
+        backlogs["slots"][index, view, : len(backlog.slots)] = backlog.slots
+
+    def _recount_ahead(self, index: int) -> None:
+        """The engine's backlog, then the tickets on their way in the order they were issued."""
+        tickets = self._tickets
+        live = np.sort(tickets[(tickets["serial"] != NO_TICKET) & (tickets["model"] == index)], order="serial")
+        for view, priority in enumerate(VIEWS):
+            backlog = self._backlog(index, "admitted", view)
+            ahead = live[live["priority"] <= priority]
+            for prompt_tokens, decode_steps in zip(ahead["prompt_tokens"].tolist(), ahead["decode_steps"].tolist()):
+                backlog.add(Work(prompt_tokens, decode_steps))
+            self._store(index, "ahead", view, backlog)
+
     # The engine's side.
 
     def clear(self) -> None:
@@ -141,10 +167,11 @@ class QueueBoard:
             models["decode_step_s"][index] = rate.decode_step_s or 0.0
             models["batch_size"][index] = scheduler.max_batch_size
             for view, backlog in enumerate(backlogs):
-                models["prompt_tokens"][index, view] = backlog.prompt_tokens
-                models["slots"][index, view, : len(backlog.slots)] = backlog.slots
+                self._store(index, "admitted", view, backlog)
             if admitted_ticket != NO_TICKET:
                 self._tickets[self._tickets["serial"] == admitted_ticket] = np.zeros((), TICKET)
+            self._drop_expired(time.monotonic())
+            self._recount_ahead(index)
 
     def withdraw(self, model_id: str) -> None:
         """An unloaded model: nothing is checked for it any more."""
@@ -164,26 +191,33 @@ class QueueBoard:
             index = self._model_index(model_id)
             if index is None:
                 return NO_TICKET
-            entry = self._models[index].copy()
-            if priority >= DEFAULT_PRIORITY and entry["decode_step_s"] > 0 and entry["prompt_token_s"] > 0:
+            self._drop_expired(now)
+            models = self._models
+            prompt_token_s, decode_step_s = float(models["prompt_token_s"][index]), float(models["decode_step_s"][index])
+            if priority >= DEFAULT_PRIORITY and prompt_token_s > 0 and decode_step_s > 0:
                 view = 0 if priority <= VIEWS[0] else 1
-                backlog = Backlog(entry["slots"][view, : entry["batch_size"]].tolist(), int(entry["prompt_tokens"][view]))
-                tickets = self._tickets
-                on_the_way = tickets[
-                    (tickets["serial"] != NO_TICKET)
-                    & (tickets["model"] == index)
-                    & (tickets["priority"] <= VIEWS[view])
-                    & (tickets["created"] > now - TICKET_TTL_S)
-                ]
-                for ticket in np.sort(on_the_way, order="serial"):
-                    backlog.add(Work(int(ticket["prompt_tokens"]), int(ticket["decode_steps"])))
-                rate = ServiceRate.of(float(entry["prompt_token_s"]), float(entry["decode_step_s"]))
-                check_deadline(backlog, own, rate, allowed_s)
-            return self._new_ticket(now, index, own, priority)
+                check_deadline(self._backlog(index, "ahead", view), own, ServiceRate.of(prompt_token_s, decode_step_s), allowed_s)
+            ticket = self._new_ticket(now, index, own, priority)
+            if ticket != NO_TICKET:
+                for view in range(len(VIEWS)):
+                    if priority <= VIEWS[view]:
+                        backlog = self._backlog(index, "ahead", view)
+                        backlog.add(own)
+                        self._store(index, "ahead", view, backlog)
+            return ticket
+
+    def _drop_expired(self, now: float) -> None:
+        tickets = self._tickets
+        expired = (tickets["serial"] != NO_TICKET) & (tickets["created"] <= now - TICKET_TTL_S)
+        if expired.any():
+            models = set(tickets["model"][expired].tolist())
+            tickets[expired] = np.zeros((), TICKET)
+            for index in models:
+                self._recount_ahead(index)
 
     def _new_ticket(self, now: float, model: int, own: Work, priority: int) -> int:
         tickets = self._tickets
-        free = np.flatnonzero((tickets["serial"] == NO_TICKET) | (tickets["created"] <= now - TICKET_TTL_S))
+        free = np.flatnonzero(tickets["serial"] == NO_TICKET)
         if not free.size:
             return NO_TICKET
         serial = int(self._header[0]["next_serial"]) + 1
@@ -192,11 +226,17 @@ class QueueBoard:
         return serial
 
     def release(self, ticket: int) -> None:
-        """The request ended: its ticket, if the engine did not clear it, goes."""
+        """The request ended: its ticket, if the engine did not clear it (it never got the request,
+        or refused it before its queue), goes, and with it its work ahead of others."""
         if ticket == NO_TICKET:
             return
         with self._locked():
-            self._tickets[self._tickets["serial"] == ticket] = np.zeros((), TICKET)
+            found = np.flatnonzero(self._tickets["serial"] == ticket)
+            if not found.size:
+                return
+            index = int(self._tickets["model"][found[0]])
+            self._tickets[found] = np.zeros((), TICKET)
+            self._recount_ahead(index)
 
     def close(self) -> None:
         self._header = self._models = self._tickets = None

@@ -1,12 +1,12 @@
 """How fast one model's engine core serves, learned from its own steps, and when a new request
-would finish behind the work already admitted: what admission sheds by (scheduler.add).
+would finish behind the work already admitted: what admission sheds by (scheduler.add, and the
+API workers through queue_board.py).
 
-A step's time is taken as P x (prompt tokens it computes) + D (one decode step of the batch).
-D is learned from steps that compute no prompt, P from the others, less D where they also
-decode. Both are moving averages that follow a slower step at once and a faster one gradually:
-a machine that gets busier (another process on the cores) must show in the next admissions,
-or they are admitted at the old rate and miss their deadlines; one that gets quieter costs only
-some refusals meanwhile.
+A step's time is taken as P x (prompt tokens it computes) + D (one step of the batch). D is
+learned from steps that compute no prompt, P from the others, less D. Both are moving averages
+that follow a slower step at once and a faster one gradually: a machine that gets busier (another
+process on the cores) must show in the next admissions, or they are admitted at the old rate and
+miss their deadlines; one that gets quieter costs only some refusals meanwhile.
 
 A request's finish is estimated by replaying the batch's slots: the running sequences hold theirs
 for their decode steps left, the sequences queued ahead take each slot as it frees, and the new
@@ -28,6 +28,10 @@ class Work:
 
     prompt_tokens: int
     decode_steps: int
+
+
+# A prompt chunk of this many tokens or more moves P by the full weight of a sample.
+FULL_WEIGHT_PROMPT_TOKENS = 64
 
 
 class PastDeadline(Exception):
@@ -59,15 +63,19 @@ class ServiceRate:
         """Learns from a step that computed `prompt_tokens` prompt tokens and decoded `decode_rows` rows."""
         if not prompt_tokens:
             if decode_rows:
-                self.decode_step_s = self._average(self.decode_step_s, seconds)
+                self.decode_step_s = self._average(self.decode_step_s, seconds, self._slower, self._faster)
             return
-        decoding = self.decode_step_s or 0.0 if decode_rows else 0.0
-        self.prompt_token_s = self._average(self.prompt_token_s, max(seconds - decoding, 0.0) / prompt_tokens)
+        # Every step costs about D whatever it holds (the weights are read once a step): P is what its
+        # prompt tokens add. A small chunk's share of that is noise, so it moves P by its size.
+        sample = max(seconds - (self.decode_step_s or 0.0), 0.0) / prompt_tokens
+        weight = min(1.0, prompt_tokens / FULL_WEIGHT_PROMPT_TOKENS)
+        self.prompt_token_s = self._average(self.prompt_token_s, sample, weight * self._slower, weight * self._faster)
 
-    def _average(self, current: float | None, sample: float) -> float:
+    @staticmethod
+    def _average(current: float | None, sample: float, slower: float, faster: float) -> float:
         if current is None:
             return sample
-        return current + (self._slower if sample > current else self._faster) * (sample - current)
+        return current + (slower if sample > current else faster) * (sample - current)
 
     def finish_in(self, running: Iterable[Work], ahead: Iterable[Work], own: Work, batch_size: int) -> float | None:
         """Seconds until `own` would be done behind the `running` sequences and those queued `ahead`

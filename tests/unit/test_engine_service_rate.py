@@ -26,10 +26,19 @@ def test_nothing_is_estimated_until_both_rates_are_measured():
     assert rate.finish_in([], [], Work(10, 5), batch_size=4) is None
 
 
-def test_the_prompt_rate_is_learned_net_of_the_decode_rows_in_the_same_step():
+def test_the_prompt_rate_is_what_prompt_tokens_add_to_a_step():
     rate = taught(ServiceRate())
     assert rate.decode_step_s == pytest.approx(DECODE_STEP_S)
     assert rate.prompt_token_s == pytest.approx(PROMPT_TOKEN_S)
+    # A step of prompt alone costs the step's own D too: it is not the prompt's.
+    rate.observe(prompt_tokens=100, decode_rows=0, seconds=DECODE_STEP_S + 100 * PROMPT_TOKEN_S)
+    assert rate.prompt_token_s == pytest.approx(PROMPT_TOKEN_S)
+
+
+def test_a_small_prompt_chunk_moves_the_prompt_rate_by_its_size():
+    rate = taught(ServiceRate())
+    rate.observe(prompt_tokens=4, decode_rows=8, seconds=2 * DECODE_STEP_S)  # a noisy step: 12.5 ms a token
+    assert rate.prompt_token_s < 2 * PROMPT_TOKEN_S
 
 
 def test_the_rate_follows_a_machine_that_gets_slower_faster_than_one_that_gets_quicker():

@@ -1,7 +1,9 @@
-"""The full fuzz run: schemathesis drives every route of ours, the OpenAI-compatible ones on /v1
-included, on a fresh `bentoml serve` with 500 generated cases per operation and generation mode (the
-test suite runs 25), checking for server errors and for answers /docs.json does not document
-(status, content type, headers, body), and that every schema-violating request is refused.
+"""The full fuzz run: schemathesis drives every route of ours, the OpenAI-compatible ones on /v1 and
+BentoML's task routes included, on a fresh `bentoml serve` with 500 generated cases per operation and
+generation mode (the test suite runs 25), checking for server errors and for answers /docs.json does
+not document (status, content type, headers, body), that every schema-violating request is refused,
+and that no route refuses every request its document calls valid (schemathesis' "schema validation
+mismatch"). schemathesis.toml shapes the generated requests.
 
     python scripts/fuzz.py [--examples 500]
 """

@@ -47,7 +47,7 @@ from api.schemas import (
     request_schemas,
 )
 from api.streaming import STREAM_EVENTS, cancel_on_disconnect, server_sent_events
-from api.validation import RequestValidationMiddleware
+from api.validation import Door, RequestValidationMiddleware
 from domain import (
     Classify,
     GenerateText,
@@ -59,7 +59,7 @@ from domain import (
     OptimizeMemory,
     UnloadModel,
 )
-from engine.core.queue_board import QueueBoard
+from engine.core.queue_board import NO_TICKET, QueueBoard
 from engine.service import GenerationEngine
 from settings import get_settings
 from tracing import trace_requests_not_messages
@@ -195,6 +195,20 @@ class AIModelService:
     async def optimize_memory(self) -> OptimizeMemoryResponse:
         return await answer(self._optimized())
 
+    def admit(self, path: str, fields: dict[str, Any]) -> int:
+        """The door's decision (api/validation.py, Door) on a single generation or decision: its
+        ticket on the engine's queue board, or OverloadedError when the queue would make it miss its
+        deadline. Batch items reserve each their own on the way; a request the response cache may
+        answer is checked after the lookup."""
+        if fields["items"] is not None:
+            return NO_TICKET
+        command = classify_command(fields) if path == "/classify" else generation_command(fields)
+        try:
+            work = self.generate_text.engine_work(command)
+        except InvalidRequestError:  # answered by the handler, in its usual words
+            return NO_TICKET
+        return NO_TICKET if work is None else self.engine_client.reserve(*work)
+
     async def list_models(self) -> dict[str, Any]:
         models = await self.models.list_models()
         return {"default_model_id": settings.default_model_id, "models": [model.to_dict() for model in models]}
@@ -295,6 +309,16 @@ AIModelService.add_asgi_middleware(AdmissionMiddleware, paths=GENERATION_ROUTES,
 AIModelService.add_asgi_middleware(
     AdmissionMiddleware, paths=OPENAI_GENERATION_ROUTES, gate=admission, respond=openai_error_response
 )
+
+
+class ServiceDoor(Door):
+    def admit(self, path: str, fields: dict[str, Any]) -> int:
+        return bentoml.get_current_service().admit(path, fields)
+
+    def release(self, ticket: int) -> None:
+        bentoml.get_current_service().engine_client.release(ticket)
+
+
 AIModelService.add_asgi_middleware(
     RequestValidationMiddleware,
     schemas={
@@ -308,4 +332,7 @@ AIModelService.add_asgi_middleware(
         "/optimize-memory": EmptyRequest,
     },
     max_body_bytes=settings.max_body_bytes,
+    # Tasks run after their submit has answered: their engine calls reserve their own tickets.
+    door=ServiceDoor(),
+    door_paths=frozenset({"/generate", "/generate/stream", "/classify"}),
 )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -29,7 +29,7 @@ from domain import (
     raise_if_error,
 )
 from domain.generation import REQUEST_TIMEOUT
-from engine.core.queue_board import NO_TICKET, QueueBoard
+from engine.core.queue_board import NO_TICKET, QueueBoard, door_ticket
 from engine.core.service_rate import PastDeadline, Work
 
 STREAM_ROUTE = "/stream_text"
@@ -111,30 +111,37 @@ class EngineClient(ModelRepository, SystemMonitor):
         return [Model.from_dict(model) for model in await unwrap(self._engine.list_models)]
 
     async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
-        ticket = self._reserve(model_id, prompt, 0, params.priority, params.timeout_s, params.timeout_by)
-        request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict(), "ticket": ticket}
-        try:
+        with self._ticket(model_id, prompt, params) as ticket:
+            request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict(), "ticket": ticket}
             return Decision.from_dict(await unwrap(lambda: self._post("classify", request)))
-        finally:
-            self._release(ticket)
 
-    def _reserve(
-        self, model_id: str, prompt: Prompt, decode_steps: int, priority: int, timeout_s: float, timeout_by: str
-    ) -> int:
+    def reserve(self, model_id: str, prompt: Prompt, params: GenerationParams | ClassifyParams) -> int:
         """The request's ticket on the queue board; OverloadedError (429) when the queue ahead of it
         would make it finish after its deadline."""
         if self._board is None:
             return NO_TICKET
-        own = Work(prompt_work(prompt), decode_steps)
+        own = Work(prompt_work(prompt), getattr(params, "max_new_tokens", 0))  # a decision decodes nothing
         try:
-            return self._board.reserve(model_id, own, priority, timeout_s)
+            return self._board.reserve(model_id, own, params.priority, params.timeout_s)
         except PastDeadline as late:
-            by_own_timeout = timeout_by == REQUEST_TIMEOUT
+            by_own_timeout = params.timeout_by == REQUEST_TIMEOUT
             raise OverloadedError.past_deadline(model_id, late.expected_s, late.allowed_s, by_own_timeout) from None
 
-    def _release(self, ticket: int) -> None:
+    def release(self, ticket: int) -> None:
         if self._board is not None:
             self._board.release(ticket)
+
+    @contextmanager
+    def _ticket(self, model_id: str, prompt: Prompt, params: GenerationParams | ClassifyParams) -> Iterator[int]:
+        """The ticket the request's door reserved, or one reserved (and released) here."""
+        if (reserved := door_ticket.get()) != NO_TICKET:
+            yield reserved
+            return
+        ticket = self.reserve(model_id, prompt, params)
+        try:
+            yield ticket
+        finally:
+            self.release(ticket)
 
     async def _post(self, api: str, request: dict[str, Any]) -> dict[str, Any]:
         """A call on the hop generation streams take, not BentoML's proxy: the proxy keeps idle
@@ -150,21 +157,19 @@ class EngineClient(ModelRepository, SystemMonitor):
             return await response.json()
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
-        ticket = self._reserve(model_id, prompt, params.max_new_tokens, params.priority, params.timeout_s, params.timeout_by)
-        request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict(), "ticket": ticket}
-        buffered = ""
-        chunks = self._stream_chunks(request)
-        async with aclosing(chunks):  # leaving early closes the connection, which cancels the generation
-            try:
-                async for chunk in chunks:
-                    buffered += chunk
-                    *complete, buffered = buffered.split("\n")
-                    for line in complete:
-                        yield decode_line(line)
-            except ENGINE_UNREACHABLE as error:
-                raise unreachable(error) from error
-            finally:
-                self._release(ticket)
+        with self._ticket(model_id, prompt, params) as ticket:
+            request = {"model_id": model_id, "prompt": prompt.to_dict(), "params": params.to_dict(), "ticket": ticket}
+            buffered = ""
+            chunks = self._stream_chunks(request)
+            async with aclosing(chunks):  # leaving early closes the connection, which cancels the generation
+                try:
+                    async for chunk in chunks:
+                        buffered += chunk
+                        *complete, buffered = buffered.split("\n")
+                        for line in complete:
+                            yield decode_line(line)
+                except ENGINE_UNREACHABLE as error:
+                    raise unreachable(error) from error
 
     async def _stream_chunks(self, request: dict[str, Any]) -> AsyncIterator[str]:
         remote = getattr(self._engine, "to_async", None)  # BentoML's proxy to the engine's process

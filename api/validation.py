@@ -7,6 +7,8 @@ answers with the field, the limit and the value given. It also merges query para
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -15,7 +17,10 @@ from urllib.parse import parse_qsl
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_response
+from domain import ModelServiceError
+from engine.core.queue_board import door_ticket
+
+from .errors import error_response, response_for
 
 PREVIEW_CHARS = 80
 
@@ -108,11 +113,35 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
+class Door(abc.ABC):
+    """Load shedding at the door: whether a validated request is let in, decided before its handler,
+    its cache lookup, its hop to the engine and the engine's tokenizer."""
+
+    @abc.abstractmethod
+    def admit(self, path: str, fields: dict[str, Any]) -> int:
+        """A ticket for the request's work (NO_TICKET: not counted here); raises ModelServiceError to refuse it."""
+
+    @abc.abstractmethod
+    def release(self, ticket: int) -> None:
+        """The request ended."""
+
+
 class RequestValidationMiddleware:
-    def __init__(self, app: ASGIApp, schemas: dict[str, type[BaseModel]], max_body_bytes: int) -> None:
+    """With a `door`, the validated requests of `door_paths` go through it."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        schemas: dict[str, type[BaseModel]],
+        max_body_bytes: int,
+        door: Door | None = None,
+        door_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.schemas = schemas
         self.max_body_bytes = max_body_bytes
+        self.door = door
+        self.door_paths = door_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         schema = self.schemas.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -129,7 +158,23 @@ class RequestValidationMiddleware:
             await error_response(describe(error), "validation_error")(scope, receive, send)
             return
         body = validated.model_dump_json().encode()
-        await self.app(with_json_body(scope, body), replay(body, receive), send)
+        if self.door is None or scope["path"] not in self.door_paths:
+            await self.app(with_json_body(scope, body), replay(body, receive), send)
+            return
+        try:
+            ticket = self.door.admit(scope["path"], validated.model_dump())
+        except ModelServiceError as refused:
+            await response_for(refused)(scope, receive, send)
+            return
+        reserved = door_ticket.set(ticket)
+        try:
+            # The requests of a burst arrive together: each is let in or refused before any of them
+            # runs its handler, so a refusal waits for no one's work.
+            await asyncio.sleep(0)
+            await self.app(with_json_body(scope, body), replay(body, receive), send)
+        finally:
+            door_ticket.reset(reserved)
+            self.door.release(ticket)
 
     @staticmethod
     def _merge_query(scope: Scope, data: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from typing import TypeVar
 
 from .commands import Classify, CompletePrompt, GenerateText, LoadModel, OptimizeMemory
 from .errors import InsufficientMemoryError, ModelNotLoadedError
-from .generation import Decision, Generation, GenerationLimits, GenerationParams, Prompt, TextDelta
+from .generation import ClassifyParams, Decision, Generation, GenerationLimits, GenerationParams, Prompt, TextDelta
 from .ports import ModelRepository
 from .prompt import PromptBuilder
 from .response_cache import ResponseCache, response_key
@@ -70,10 +70,23 @@ class GenerateTextUseCase:
             yield await self._stored(key, item)
 
     async def classify(self, command: Classify) -> Decision:
+        model_id, prompt, params = self._prepare_classify(command)
+        return await self._recovering(model_id, lambda: self._repository.classify(model_id, prompt, params))
+
+    def engine_work(
+        self, command: GenerateText | CompletePrompt | Classify
+    ) -> tuple[str, Prompt, GenerationParams | ClassifyParams] | None:
+        """What the command would ask of the model, to shed load by before it runs; None for a request
+        the response cache may answer, which is checked once the cache has missed."""
+        if isinstance(command, Classify):
+            return self._prepare_classify(command)
+        model_id, prompt, params = self._prepare(command)
+        return None if self._cache_key(model_id, prompt, params) is not None else (model_id, prompt, params)
+
+    def _prepare_classify(self, command: Classify) -> tuple[str, Prompt, ClassifyParams]:
         params = self._limits.classify_params(command.labels, command.timeout, command.priority, command.labels_field)
         prompt = self._prompts.build(command.query, command.context)
-        model_id = self._models.resolve_model_id(command.model_id)
-        return await self._recovering(model_id, lambda: self._repository.classify(model_id, prompt, params))
+        return self._models.resolve_model_id(command.model_id), prompt, params
 
     def _cache_key(self, model_id: str, prompt: Prompt, params: GenerationParams) -> str | None:
         if self._cache is None or not params.deterministic:

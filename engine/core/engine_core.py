@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from .block_manager import block_hashes
 from .scheduler import ScheduledStep, Scheduler, StepOutput
-from .sequence import FinishReason, SamplingRequest, Sequence, Sink
+from .sequence import FinishEvent, FinishReason, SamplingRequest, Sequence, Sink
 
 if TYPE_CHECKING:
     from .queue_board import QueueBoard
@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 # How long the thread sleeps when sequences wait but none can run; it never happens while the
 # cache can hold every admitted request, and a deadline still ends such a wait.
 STALLED_WAIT_S = 0.05
+# Each calibration request's tokens: the first comes with its prompt, the rest are decode steps.
+CALIBRATION_TOKENS = 4
 
 
 class StepAborted(Exception):
@@ -118,6 +120,24 @@ class EngineCore:
             else:
                 self.scheduler.finish(sequence, self._stop_reason)
         return sequence
+
+    def calibrate(self, timeout_s: float = 120.0) -> None:
+        """Runs short generations alone and a batch of them at once before the first request, so the
+        service rate knows what a step costs at both ends of the batch (ServiceRate's cost shape): the
+        first burst is admitted at the rate a full batch runs, not a lone request's."""
+        for count in (1, min(self.scheduler.max_batch_size, self.scheduler.max_queue_size)):
+            finished = threading.Semaphore(0)
+
+            def sink(event: object) -> None:
+                if isinstance(event, FinishEvent):
+                    finished.release()
+
+            deadline = time.monotonic() + timeout_s
+            with self._wakeup:  # all in the same step
+                for token_id in range(count):
+                    self.submit(SamplingRequest([token_id], CALIBRATION_TOKENS, 0.0, deadline, ignore_eos=True), sink)
+            for _ in range(count):
+                finished.acquire(timeout=timeout_s)
 
     # The engine core's thread.
 

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,9 @@ MAX_SLOTS = 1024  # settings' bound on MAX_BATCH_SIZE
 MAX_TICKETS = 1024  # requests on their way at once; past them, a request goes untracked
 TICKET_TTL_S = 60.0  # a hop takes seconds at most; a ticket older than this lost its worker
 NO_TICKET = 0
+# The ticket an API worker reserved for the request it is handling, at its door (api/validation.py):
+# its engine call carries that one instead of reserving again.
+door_ticket: ContextVar[int] = ContextVar("door_ticket", default=NO_TICKET)
 
 HEADER = np.dtype([("next_serial", "u8")])
 BACKLOGS = np.dtype([("prompt_tokens", "u8", (len(VIEWS),)), ("slots", "u4", (len(VIEWS), MAX_SLOTS))])
@@ -56,6 +60,7 @@ MODEL = np.dtype(
         ("name", "S64"),
         ("prompt_token_s", "f8"),  # 0: not measured yet
         ("decode_step_s", "f8"),
+        ("row_cost", "f8"),
         ("batch_size", "u4"),
         ("admitted", BACKLOGS),  # each view's backlog as the engine published it
         ("ahead", BACKLOGS),  # the same with the tickets on their way: what a new request is behind
@@ -165,6 +170,7 @@ class QueueBoard:
             models["name"][index] = model_id.encode()
             models["prompt_token_s"][index] = rate.prompt_token_s or 0.0
             models["decode_step_s"][index] = rate.decode_step_s or 0.0
+            models["row_cost"][index] = rate.row_cost
             models["batch_size"][index] = scheduler.max_batch_size
             for view, backlog in enumerate(backlogs):
                 self._store(index, "admitted", view, backlog)
@@ -193,10 +199,10 @@ class QueueBoard:
                 return NO_TICKET
             self._drop_expired(now)
             models = self._models
-            prompt_token_s, decode_step_s = float(models["prompt_token_s"][index]), float(models["decode_step_s"][index])
-            if priority >= DEFAULT_PRIORITY and prompt_token_s > 0 and decode_step_s > 0:
+            rate = ServiceRate.of(*(float(models[name][index]) for name in ("prompt_token_s", "decode_step_s", "row_cost")))
+            if priority >= DEFAULT_PRIORITY and rate.prompt_token_s > 0 and rate.decode_step_s > 0:
                 view = 0 if priority <= VIEWS[0] else 1
-                check_deadline(self._backlog(index, "ahead", view), own, ServiceRate.of(prompt_token_s, decode_step_s), allowed_s)
+                check_deadline(self._backlog(index, "ahead", view), own, rate, allowed_s)
             ticket = self._new_ticket(now, index, own, priority)
             if ticket != NO_TICKET:
                 for view in range(len(VIEWS)):

@@ -3,10 +3,8 @@ would finish behind the work already admitted: what admission sheds by (schedule
 API workers through queue_board.py).
 
 A step's time is taken as P x (prompt tokens it computes) + D (one step of the batch). D is
-learned from steps that compute no prompt, P from the others, less D. Both are moving averages
-that follow a slower step at once and a faster one gradually: a machine that gets busier (another
-process on the cores) must show in the next admissions, or they are admitted at the old rate and
-miss their deadlines; one that gets quieter costs only some refusals meanwhile.
+learned from steps that compute no prompt, P from the others, less D; both over the last few
+seconds of steps (ServiceRate).
 
 A request's finish is estimated by replaying the batch's slots: the running sequences hold theirs
 for their decode steps left, the sequences queued ahead take each slot as it frees, and the new
@@ -18,6 +16,8 @@ workload runs, and a full batch (when the queue matters) is what it learns most.
 from __future__ import annotations
 
 import heapq
+import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,10 +30,6 @@ class Work:
     decode_steps: int
 
 
-# A prompt chunk of this many tokens or more moves P by the full weight of a sample.
-FULL_WEIGHT_PROMPT_TOKENS = 64
-
-
 class PastDeadline(Exception):
     """At the rate this engine serves, the request would finish after its deadline."""
 
@@ -43,39 +39,67 @@ class PastDeadline(Exception):
 
 
 class ServiceRate:
-    def __init__(self, slower: float = 0.5, faster: float = 0.1) -> None:
-        self._slower, self._faster = slower, faster  # the moving averages' weights of a new sample
+    """P, and D as D1 x c(rows): a one-row step's time and the cost shape c(rows) = 1 + k(rows - 1).
+    k is fitted (least squares) on the last HISTORY decode steps, whatever their age: it is the
+    model's and the hardware's. D1 and P are means over the steps of the last WINDOW_S seconds (at
+    least the last MIN_SAMPLES of each kind): a deadline is met or missed by a sum of many steps, so
+    a mean is what the replay needs; an outlier (the engine descheduled for a second by another
+    process) counts as the one step it is, and a machine that gets busier shows within the window."""
+
+    WINDOW_S = 5.0
+    MIN_SAMPLES = 8
+    HISTORY = 256
+
+    def __init__(self) -> None:
+        self._decode_steps: deque[tuple[float, int, float]] = deque()  # (when, rows, seconds)
+        self._history: deque[tuple[int, float]] = deque(maxlen=self.HISTORY)  # (rows, seconds)
+        self._prompt_steps: deque[tuple[float, int, float]] = deque()  # (when, prompt tokens, seconds less D)
         self.prompt_token_s: float | None = None  # P
-        self.decode_step_s: float | None = None  # D
+        self.decode_step_s: float | None = None  # D1
+        self.row_cost = 0.0  # k
 
     @classmethod
-    def of(cls, prompt_token_s: float, decode_step_s: float) -> ServiceRate:
+    def of(cls, prompt_token_s: float, decode_step_s: float, row_cost: float) -> ServiceRate:
         """A rate measured elsewhere (the engine's, read off the queue board)."""
         rate = cls()
-        rate.prompt_token_s, rate.decode_step_s = prompt_token_s, decode_step_s
+        rate.prompt_token_s, rate.decode_step_s, rate.row_cost = prompt_token_s, decode_step_s, row_cost
         return rate
 
     @property
     def known(self) -> bool:
         return self.prompt_token_s is not None and self.decode_step_s is not None
 
-    def observe(self, prompt_tokens: int, decode_rows: int, seconds: float) -> None:
-        """Learns from a step that computed `prompt_tokens` prompt tokens and decoded `decode_rows` rows."""
+    def step_s(self, rows: int) -> float:
+        """A decode step's seconds at this many rows."""
+        return self.decode_step_s * self._shape(rows)
+
+    def _shape(self, rows: int) -> float:
+        return 1.0 + self.row_cost * (max(rows, 1) - 1)
+
+    def observe(self, prompt_tokens: int, decode_rows: int, seconds: float, at: float | None = None) -> None:
+        """Learns from a step, ended `at` (time.monotonic()), that computed `prompt_tokens` prompt
+        tokens and decoded `decode_rows` rows."""
+        at = time.monotonic() if at is None else at
         if not prompt_tokens:
             if decode_rows:
-                self.decode_step_s = self._average(self.decode_step_s, seconds, self._slower, self._faster)
+                self._history.append((decode_rows, seconds))
+                self.row_cost = fitted_row_cost(self._history, self.row_cost)
+                self._decode_steps.append((at, decode_rows, seconds))
+                self._trim(self._decode_steps, at)
+                one_row = [seconds / self._shape(rows) for _, rows, seconds in self._decode_steps]
+                self.decode_step_s = sum(one_row) / len(one_row)
             return
         # Every step costs about D whatever it holds (the weights are read once a step): P is what its
-        # prompt tokens add. A small chunk's share of that is noise, so it moves P by its size.
-        sample = max(seconds - (self.decode_step_s or 0.0), 0.0) / prompt_tokens
-        weight = min(1.0, prompt_tokens / FULL_WEIGHT_PROMPT_TOKENS)
-        self.prompt_token_s = self._average(self.prompt_token_s, sample, weight * self._slower, weight * self._faster)
+        # prompt tokens add, as a ratio of sums, so that a small chunk's noise weighs by its size.
+        decoding = self.step_s(decode_rows) if self.decode_step_s is not None else 0.0
+        self._prompt_steps.append((at, prompt_tokens, max(seconds - decoding, 0.0)))
+        self._trim(self._prompt_steps, at)
+        tokens = sum(sample[1] for sample in self._prompt_steps)
+        self.prompt_token_s = sum(sample[2] for sample in self._prompt_steps) / tokens
 
-    @staticmethod
-    def _average(current: float | None, sample: float, slower: float, faster: float) -> float:
-        if current is None:
-            return sample
-        return current + (slower if sample > current else faster) * (sample - current)
+    def _trim(self, samples: deque, now: float) -> None:
+        while len(samples) > self.MIN_SAMPLES and samples[0][0] < now - self.WINDOW_S:
+            samples.popleft()
 
     def finish_in(self, running: Iterable[Work], ahead: Iterable[Work], own: Work, batch_size: int) -> float | None:
         """Seconds until `own` would be done behind the `running` sequences and those queued `ahead`
@@ -109,15 +133,40 @@ class Backlog:
         if not rate.known:
             return None
         prompt_tokens = self.prompt_tokens + own.prompt_tokens
-        return rate.prompt_token_s * prompt_tokens + rate.decode_step_s * (self.slots[0] + own.decode_steps)
+        # The batch holds the rows the backlog keeps busy, and this one's.
+        rows = min(len(self.slots), sum(1 for slot in self.slots if slot > 0) + 1)
+        return rate.prompt_token_s * prompt_tokens + rate.step_s(rows) * (self.slots[0] + own.decode_steps)
+
+
+def fitted_row_cost(steps: Iterable[tuple[int, float]], before: float) -> float:
+    """k of c(rows) = 1 + k(rows - 1), from a least-squares line through (rows, seconds); `before`
+    while the steps hold a single row count (no slope to see)."""
+    steps = list(steps)
+    n = len(steps)
+    sum_rows = sum(rows for rows, _ in steps)
+    spread = n * sum(rows * rows for rows, _ in steps) - sum_rows * sum_rows
+    if spread <= 0:
+        return before
+    sum_seconds = sum(seconds for _, seconds in steps)
+    slope = (n * sum(rows * seconds for rows, seconds in steps) - sum_rows * sum_seconds) / spread
+    one_row = (sum_seconds - slope * sum_rows) / n + slope
+    if slope <= 0:
+        return 0.0
+    return min(1.0, slope / one_row) if one_row > 0 else 1.0
+
+
+# Admission plans for a request to finish within this share of its deadline: the estimate is a mean,
+# and the steps ahead of it vary about it (another process's load comes and goes).
+PLANNED_SHARE_OF_DEADLINE = 0.8
 
 
 def check_deadline(backlog: Backlog, own: Work, rate: ServiceRate, allowed_s: float) -> float | None:
     """The seconds until `own`, behind `backlog`, would be done (None until the rate is measured).
-    Raises PastDeadline when that is after `allowed_s`, unless it would miss it even alone: its
-    max_new_tokens is only a cap, and a retry would not help."""
+    Raises PastDeadline when that is after its share of `allowed_s`, unless it would miss that even
+    alone: its max_new_tokens is only a cap, and a retry would not help."""
     expected = backlog.finish_in(own, rate)
-    if expected is not None and expected > allowed_s:
-        if Backlog.of(len(backlog.slots), ()).finish_in(own, rate) <= allowed_s:
+    planned_s = PLANNED_SHARE_OF_DEADLINE * allowed_s
+    if expected is not None and expected > planned_s:
+        if Backlog.of(len(backlog.slots), ()).finish_in(own, rate) <= planned_s:
             raise PastDeadline(expected, allowed_s)
     return expected

@@ -212,6 +212,7 @@ class ModelLoader:
         cache = self._kv_cache(entry.model_id, model, dtype, device)
         core = self._engine_core(entry.model_id, model, tokenizer, cache)
         core.start()
+        core.calibrate()
         memory_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         memory_bytes += tuning.copies_bytes if tuning else 0
         load_time = time.perf_counter() - started

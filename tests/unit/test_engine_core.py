@@ -144,3 +144,16 @@ def test_the_step_that_redoes_an_aborted_one_is_not_aborted_again(core, runner):
     aborted, express, redone, second_express = runner.steps[:4]
     assert redone.prefilling == aborted.prefilling
     assert [chunk.sequence.prompt_ids for chunk in second_express.prefilling] == [[30, 31]]
+
+
+def test_calibration_runs_steps_of_one_row_and_of_a_full_batch_before_the_first_request(runner):
+    scheduler = Scheduler(BlockManager(128), {EOS}, 6, 64, 8, metrics=SchedulerMetrics.for_model("unit-test"))
+    core = EngineCore(scheduler, runner, name="unit-test")
+    core.start()
+    try:
+        core.calibrate()
+    finally:
+        core.stop()
+    decode_rows = {len(step.decoding) for step in runner.steps if step.decoding and not step.prefilling}
+    assert decode_rows == {1, 6}
+    assert scheduler.rate.known and not scheduler.has_work

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from engine.core import service_rate
 from engine.core.engine_core import EngineCore
 from engine.core.queue_board import NO_TICKET, TICKET_TTL_S, QueueBoard
 from engine.core.sequence import SamplingRequest
@@ -17,6 +18,12 @@ from tests.unit.test_engine_scheduler import prompt_of, scheduler, submit
 from tests.unit.test_engine_service_rate import DECODE_STEP_S, PROMPT_TOKEN_S, taught
 
 MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(autouse=True)
+def whole_deadline(monkeypatch):
+    """The estimates here are checked against the whole deadline; the planned share has its own test."""
+    monkeypatch.setattr(service_rate, "PLANNED_SHARE_OF_DEADLINE", 1.0)
 
 
 @pytest.fixture

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from engine.core.service_rate import PastDeadline, ServiceRate, Work
+from engine.core import service_rate
+from engine.core.service_rate import Backlog, PastDeadline, ServiceRate, Work, check_deadline
 from tests.unit.fakes import ScriptedRunner
 from tests.unit.test_engine_scheduler import NOW, prompt_of, scheduler, step, submit
 
 PROMPT_TOKEN_S = 0.001
 DECODE_STEP_S = 0.05
+
+
+@pytest.fixture(autouse=True)
+def whole_deadline(monkeypatch):
+    """The estimates here are checked against the whole deadline; the planned share has its own test."""
+    monkeypatch.setattr(service_rate, "PLANNED_SHARE_OF_DEADLINE", 1.0)
 
 
 def taught(rate: ServiceRate) -> ServiceRate:
@@ -35,22 +42,51 @@ def test_the_prompt_rate_is_what_prompt_tokens_add_to_a_step():
     assert rate.prompt_token_s == pytest.approx(PROMPT_TOKEN_S)
 
 
-def test_a_small_prompt_chunk_moves_the_prompt_rate_by_its_size():
+def test_a_small_prompt_chunk_weighs_by_its_size():
     rate = taught(ServiceRate())
     rate.observe(prompt_tokens=4, decode_rows=8, seconds=2 * DECODE_STEP_S)  # a noisy step: 12.5 ms a token
-    assert rate.prompt_token_s < 2 * PROMPT_TOKEN_S
+    assert rate.prompt_token_s == pytest.approx((100 * PROMPT_TOKEN_S + DECODE_STEP_S) / 104)
 
 
-def test_the_rate_follows_a_machine_that_gets_slower_faster_than_one_that_gets_quicker():
-    slowing = taught(ServiceRate())
-    for _ in range(3):
-        slowing.observe(prompt_tokens=0, decode_rows=8, seconds=4 * DECODE_STEP_S)
-    assert slowing.decode_step_s > 3.5 * DECODE_STEP_S
-    quickening = ServiceRate()
-    quickening.observe(prompt_tokens=0, decode_rows=8, seconds=4 * DECODE_STEP_S)
-    for _ in range(3):
-        quickening.observe(prompt_tokens=0, decode_rows=8, seconds=DECODE_STEP_S)
-    assert quickening.decode_step_s > 2 * DECODE_STEP_S
+def test_the_rate_is_the_mean_of_the_last_seconds_of_steps_an_outlier_counting_once():
+    rate = ServiceRate()
+    for second in range(10):
+        rate.observe(prompt_tokens=0, decode_rows=8, seconds=DECODE_STEP_S, at=float(second))
+    rate.observe(prompt_tokens=0, decode_rows=8, seconds=40 * DECODE_STEP_S, at=10.0)  # descheduled for 2 s
+    # The window is 5 s, but holds the last 8 steps at least: seven of 50 ms, and the outlier.
+    assert rate.decode_step_s == pytest.approx((7 * DECODE_STEP_S + 40 * DECODE_STEP_S) / 8)
+    for index in range(20):  # a machine now twice as slow, for 2 s: only its steps are in the window
+        rate.observe(prompt_tokens=0, decode_rows=8, seconds=2 * DECODE_STEP_S, at=20.0 + index / 10)
+    assert rate.decode_step_s == pytest.approx(2 * DECODE_STEP_S)
+
+
+def test_a_step_costs_by_its_rows_as_fitted_and_the_level_follows_the_machine():
+    rate = ServiceRate()
+    for index in range(4):  # a row adds a tenth of a one-row step
+        rate.observe(prompt_tokens=0, decode_rows=1, seconds=DECODE_STEP_S, at=index / 10)
+        rate.observe(prompt_tokens=0, decode_rows=31, seconds=4 * DECODE_STEP_S, at=index / 10)
+    assert rate.row_cost == pytest.approx(0.1)
+    assert rate.step_s(1) == pytest.approx(DECODE_STEP_S) and rate.step_s(31) == pytest.approx(4 * DECODE_STEP_S)
+    for index in range(8):  # another process takes half the cores: full batches now take twice as long
+        rate.observe(prompt_tokens=0, decode_rows=31, seconds=8 * DECODE_STEP_S, at=10 + index / 10)
+    assert rate.step_s(31) == pytest.approx(8 * DECODE_STEP_S)
+    assert rate.step_s(1) > DECODE_STEP_S
+
+
+def test_a_request_behind_a_busy_batch_is_costed_at_the_rows_it_runs_with():
+    rate = ServiceRate.of(PROMPT_TOKEN_S, DECODE_STEP_S, row_cost=0.5)
+    # Behind three sequences in a batch of four, it decodes among four rows: 2.5 one-row steps each.
+    expected = rate.finish_in([Work(0, 2), Work(0, 2), Work(0, 2)], [], Work(0, 4), batch_size=4)
+    assert expected == pytest.approx(4 * 2.5 * DECODE_STEP_S)
+
+
+def test_admission_plans_for_its_share_of_the_deadline(monkeypatch):
+    monkeypatch.setattr(service_rate, "PLANNED_SHARE_OF_DEADLINE", 0.8)
+    rate = ServiceRate.of(PROMPT_TOKEN_S, DECODE_STEP_S, row_cost=0.0)
+    behind = Backlog.of(1, [Work(0, 10)])  # 10 steps ahead, 10 of its own: 1 s
+    check_deadline(behind, Work(0, 10), rate, allowed_s=1.25)
+    with pytest.raises(PastDeadline):
+        check_deadline(behind, Work(0, 10), rate, allowed_s=1.2)
 
 
 def test_with_free_slots_a_request_finishes_after_the_prompts_and_its_own_decode_steps():

@@ -31,6 +31,7 @@ from domain import (
 from domain.generation import REQUEST_TIMEOUT
 from engine.core.queue_board import NO_TICKET, QueueBoard, door_ticket
 from engine.core.service_rate import PastDeadline, Work
+from metrics import SHED
 
 STREAM_ROUTE = "/stream_text"
 T = TypeVar("T")
@@ -124,6 +125,7 @@ class EngineClient(ModelRepository, SystemMonitor):
         try:
             return self._board.reserve(model_id, own, params.priority, params.timeout_s)
         except PastDeadline as late:
+            SHED.labels(model=model_id).inc()
             by_own_timeout = params.timeout_by == REQUEST_TIMEOUT
             raise OverloadedError.past_deadline(model_id, late.expected_s, late.allowed_s, by_own_timeout) from None
 

@@ -122,10 +122,12 @@ class EngineCore:
         return sequence
 
     def calibrate(self, timeout_s: float = 120.0) -> None:
-        """Runs short generations alone and a batch of them at once before the first request, so the
-        service rate knows what a step costs at both ends of the batch (ServiceRate's cost shape): the
-        first burst is admitted at the rate a full batch runs, not a lone request's."""
-        for count in (1, min(self.scheduler.max_batch_size, self.scheduler.max_queue_size)):
+        """Runs short generations alone and a batch of them at once, twice (the first time warms the
+        kernels up), before the first request, so that the service rate knows what a row adds to a
+        step (ServiceRate.calibrate_rows): the first burst is admitted at the rate a full batch runs,
+        not a lone request's."""
+        rows = min(self.scheduler.max_batch_size, self.scheduler.max_queue_size)
+        for count in (1, rows, 1, rows):
             finished = threading.Semaphore(0)
 
             def sink(event: object) -> None:
@@ -138,6 +140,8 @@ class EngineCore:
                     self.submit(SamplingRequest([token_id], CALIBRATION_TOKENS, 0.0, deadline, ignore_eos=True), sink)
             for _ in range(count):
                 finished.acquire(timeout=timeout_s)
+        with self._wakeup:
+            self.scheduler.rate.calibrate_rows(rows)
 
     # The engine core's thread.
 

@@ -40,19 +40,18 @@ class PastDeadline(Exception):
 
 class ServiceRate:
     """P, and D as D1 x c(rows): a one-row step's time and the cost shape c(rows) = 1 + k(rows - 1).
-    k is fitted (least squares) on the last HISTORY decode steps, whatever their age: it is the
-    model's and the hardware's. D1 and P are means over the steps of the last WINDOW_S seconds (at
-    least the last MIN_SAMPLES of each kind): a deadline is met or missed by a sum of many steps, so
-    a mean is what the replay needs; an outlier (the engine descheduled for a second by another
-    process) counts as the one step it is, and a machine that gets busier shows within the window."""
+    k is the model's and the hardware's, measured once (calibrate_rows: the engine core runs steps
+    of one row and of a full batch at load). D1 and P are means over the steps of the last WINDOW_S
+    seconds (at least the last MIN_SAMPLES of each kind): a deadline is met or missed by a sum of
+    many steps, so a mean is what the replay needs; an outlier (the engine descheduled for a second
+    by another process) counts as the one step it is, and a machine that gets busier shows within
+    the window."""
 
     WINDOW_S = 5.0
     MIN_SAMPLES = 8
-    HISTORY = 256
 
     def __init__(self) -> None:
         self._decode_steps: deque[tuple[float, int, float]] = deque()  # (when, rows, seconds)
-        self._history: deque[tuple[int, float]] = deque(maxlen=self.HISTORY)  # (rows, seconds)
         self._prompt_steps: deque[tuple[float, int, float]] = deque()  # (when, prompt tokens, seconds less D)
         self.prompt_token_s: float | None = None  # P
         self.decode_step_s: float | None = None  # D1
@@ -82,8 +81,6 @@ class ServiceRate:
         at = time.monotonic() if at is None else at
         if not prompt_tokens:
             if decode_rows:
-                self._history.append((decode_rows, seconds))
-                self.row_cost = fitted_row_cost(self._history, self.row_cost)
                 self._decode_steps.append((at, decode_rows, seconds))
                 self._trim(self._decode_steps, at)
                 one_row = [seconds / self._shape(rows) for _, rows, seconds in self._decode_steps]
@@ -96,6 +93,19 @@ class ServiceRate:
         self._trim(self._prompt_steps, at)
         tokens = sum(sample[1] for sample in self._prompt_steps)
         self.prompt_token_s = sum(sample[2] for sample in self._prompt_steps) / tokens
+
+    def median_step_s(self, rows: int) -> float | None:
+        """The median of the recent decode steps of this many rows."""
+        steps = sorted(seconds for _, step_rows, seconds in self._decode_steps if step_rows == rows)
+        return steps[len(steps) // 2] if steps else None
+
+    def calibrate_rows(self, rows: int) -> None:
+        """Sets k from the recent steps of one row and of `rows` rows (their medians)."""
+        one_row, full = self.median_step_s(1), self.median_step_s(rows)
+        if one_row and full and rows > 1:
+            self.row_cost = min(1.0, max(0.0, (full / one_row - 1) / (rows - 1)))
+            one_row_steps = [seconds / self._shape(step_rows) for _, step_rows, seconds in self._decode_steps]
+            self.decode_step_s = sum(one_row_steps) / len(one_row_steps)
 
     def _trim(self, samples: deque, now: float) -> None:
         while len(samples) > self.MIN_SAMPLES and samples[0][0] < now - self.WINDOW_S:
@@ -136,23 +146,6 @@ class Backlog:
         # The batch holds the rows the backlog keeps busy, and this one's.
         rows = min(len(self.slots), sum(1 for slot in self.slots if slot > 0) + 1)
         return rate.prompt_token_s * prompt_tokens + rate.step_s(rows) * (self.slots[0] + own.decode_steps)
-
-
-def fitted_row_cost(steps: Iterable[tuple[int, float]], before: float) -> float:
-    """k of c(rows) = 1 + k(rows - 1), from a least-squares line through (rows, seconds); `before`
-    while the steps hold a single row count (no slope to see)."""
-    steps = list(steps)
-    n = len(steps)
-    sum_rows = sum(rows for rows, _ in steps)
-    spread = n * sum(rows * rows for rows, _ in steps) - sum_rows * sum_rows
-    if spread <= 0:
-        return before
-    sum_seconds = sum(seconds for _, seconds in steps)
-    slope = (n * sum(rows * seconds for rows, seconds in steps) - sum_rows * sum_seconds) / spread
-    one_row = (sum_seconds - slope * sum_rows) / n + slope
-    if slope <= 0:
-        return 0.0
-    return min(1.0, slope / one_row) if one_row > 0 else 1.0
 
 
 # Admission plans for a request to finish within this share of its deadline: the estimate is a mean,

@@ -8,9 +8,11 @@ its 100 ms bar (BENCHMARKS.md)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from tests.conftest import ROOT
@@ -32,11 +34,22 @@ def burst(url: str, hogs: int) -> str:
     return run.stdout
 
 
+def refusals(report: str) -> int:
+    return sum(int(count) for count in re.findall(r"429: (\d+)\}", report))
+
+
+def shed_requests(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(value) for value in re.findall(r'^ai_model_shed_requests_total\{model="[^"]+"\} (\S+)$', metrics, re.M))
+
+
 def test_a_burst_on_a_quiet_then_a_busy_machine_gets_only_answers_in_time_and_quick_refusals(tmp_path):
     service = start(tmp_path / "burst.log")  # every setting at its default
     try:
         quiet = burst(service.url, hogs=0)
         busy = burst(service.url, hogs=len(os.sched_getaffinity(0)))
+        shed = shed_requests(service.url)
     finally:
         service.stop()
     print("quiet machine:", quiet, "busy machine:", busy, sep="\n")
+    assert shed == refusals(quiet) + refusals(busy), "every 429 is a request shed by its expected finish"

@@ -60,17 +60,18 @@ def test_the_rate_is_the_mean_of_the_last_seconds_of_steps_an_outlier_counting_o
     assert rate.decode_step_s == pytest.approx(2 * DECODE_STEP_S)
 
 
-def test_a_step_costs_by_its_rows_as_fitted_and_the_level_follows_the_machine():
+def test_a_step_costs_by_its_rows_as_calibrated_and_the_level_follows_the_machine():
     rate = ServiceRate()
     for index in range(4):  # a row adds a tenth of a one-row step
         rate.observe(prompt_tokens=0, decode_rows=1, seconds=DECODE_STEP_S, at=index / 10)
         rate.observe(prompt_tokens=0, decode_rows=31, seconds=4 * DECODE_STEP_S, at=index / 10)
+    rate.calibrate_rows(31)
     assert rate.row_cost == pytest.approx(0.1)
     assert rate.step_s(1) == pytest.approx(DECODE_STEP_S) and rate.step_s(31) == pytest.approx(4 * DECODE_STEP_S)
-    for index in range(8):  # another process takes half the cores: full batches now take twice as long
+    for index in range(8):  # another process takes half the cores: every step now takes twice as long
         rate.observe(prompt_tokens=0, decode_rows=31, seconds=8 * DECODE_STEP_S, at=10 + index / 10)
     assert rate.step_s(31) == pytest.approx(8 * DECODE_STEP_S)
-    assert rate.step_s(1) > DECODE_STEP_S
+    assert rate.step_s(1) == pytest.approx(2 * DECODE_STEP_S)
 
 
 def test_a_request_behind_a_busy_batch_is_costed_at_the_rows_it_runs_with():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.conftest import ROOT
 
@@ -34,6 +35,13 @@ class RunningService:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def engine_process(self) -> psutil.Process:
+        """The generation engine's worker process, one of `bentoml serve`'s children."""
+        return next(
+            child for child in psutil.Process(self.process.pid).children(recursive=True)
+            if "generation-engine" in " ".join(child.cmdline())
+        )
 
     def stop(self) -> int:
         if self.process.poll() is None:

@@ -110,6 +110,15 @@ GPU_RESERVED = Gauge(
 ERRORS = Counter(
     f"{PREFIX}_errors", "Error answers by error_type, a stream's closing error event included", ["error_type"]
 )
+STREAM_DROP_REASONS = ("stalled",)
+STREAMS_DROPPED = Counter(
+    f"{PREFIX}_streams_dropped",
+    "Streams dropped before their end by the server: stalled, the client took none of the bytes waiting for it "
+    "for STREAM_STALL_TIMEOUT",
+    ["reason"],
+)
+for _reason in STREAM_DROP_REASONS:  # shows from the start, at 0
+    STREAMS_DROPPED.labels(reason=_reason)
 CACHE_RESULTS = ("hit", "miss")
 RESPONSE_CACHE = Counter(f"{PREFIX}_response_cache", "Response cache lookups by result: hit or miss", ["result"])
 for _result in CACHE_RESULTS:  # both series show from the start, at 0

@@ -19,7 +19,7 @@ from typing import Any
 import bentoml
 from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from adapters.drain import defer_sigterm, drain_limit_s
 from adapters.engine_client import ENGINE_UNREACHABLE, EngineClient
@@ -46,7 +46,7 @@ from api.schemas import (
     SystemInfoResponse,
     request_schemas,
 )
-from api.streaming import STREAM_EVENTS, cancel_on_disconnect, server_sent_events
+from api.streaming import STREAM_EVENTS, EventStreamResponse, cancel_on_disconnect, server_sent_events
 from api.validation import Door, RequestValidationMiddleware
 from domain import (
     Classify,
@@ -107,7 +107,7 @@ get_route("/system-info", "CPU, threads, devices and settings", SystemInfoRespon
 get_route("/memory-usage", "Memory, and each loaded model's size and last use", MemoryUsageResponse, lambda service: service.models.memory_usage())
 get_route("/models", "The models in the store, loaded or not", ModelsResponse, lambda service: service.list_models())
 OPENAI_PREFIX = "/v1"
-openai_app = build_openai_app(bentoml.get_current_service, settings.max_body_bytes)
+openai_app = build_openai_app(bentoml.get_current_service, settings.max_body_bytes, settings.stream_stall_timeout)
 
 
 @bentoml.service(
@@ -240,7 +240,7 @@ class AIModelService:
         total_ms = round((time.perf_counter() - started) * 1000, 2)
         return BatchClassifyResponse(results=results, total_time_ms=total_ms).model_dump()
 
-    async def _event_stream(self, request: Request, fields: dict[str, Any]) -> StreamingResponse:
+    async def _event_stream(self, request: Request, fields: dict[str, Any]) -> EventStreamResponse:
         if fields["items"] is not None:
             raise InvalidRequestError("items: the batch form is not streamed; POST it to /generate")
         if fields["choices"] is not None:
@@ -254,7 +254,7 @@ class AIModelService:
         def final(generation: Generation) -> dict[str, Any]:
             return GenerateResponse.of(generation, time.perf_counter() - started).model_dump()
 
-        return StreamingResponse(server_sent_events(first, items, final), media_type="text/event-stream")
+        return EventStreamResponse(server_sent_events(first, items, final), settings.stream_stall_timeout)
 
     @staticmethod
     async def _model_state(status: str, operation: Awaitable) -> ModelStateResponse:

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_context_items: int = Field(64, ge=0)
     max_context_item_chars: int = Field(32_000, ge=1)
     max_batch_items: int = Field(64, ge=1, le=1024, description="items in one batch request to /generate or /classify")
+    stream_stall_timeout: float = Field(
+        10.0, gt=0.0, le=3600.0, description="seconds a stream's client may take none of the bytes waiting for it"
+    )
     # Batching (measured defaults: BENCHMARKS.md).
     max_batch_size: int = Field(32, ge=1, le=1024, description="sequences per batch step; 1 turns batching off")
     batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long an idle engine waits to gather a burst")

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -40,7 +40,7 @@ from .openai_answers import (
     Usage,
 )
 from .openai_schemas import ChatCompletionRequest, CompletionRequest
-from .streaming import Item, cancel_on_disconnect, event_stream
+from .streaming import EventStreamResponse, Item, cancel_on_disconnect, event_stream
 from .validation import InvalidBody, describe_problems, field_name, parse_json_object, read_body, replay, with_json_body
 
 GENERATION_PATHS = ("/chat/completions", "/completions")
@@ -184,7 +184,11 @@ class TextFormat(AnswerFormat):
 
 
 async def _answer(
-    request: Request, service: Backend, body: ChatCompletionRequest | CompletionRequest, shape: type[AnswerFormat]
+    request: Request,
+    service: Backend,
+    body: ChatCompletionRequest | CompletionRequest,
+    shape: type[AnswerFormat],
+    stream_stall_timeout_s: float,
 ) -> Any:
     """The whole answer, or a stream of chunks ending with `data: [DONE]`; a failure before the first
     piece of text answers with its status, one after it ends the stream with an error event."""
@@ -201,7 +205,7 @@ async def _answer(
     if isinstance(first, Response):
         return first
     events = event_stream(first, items, form.chunks, lambda error: openai_error_body(*_failure(error)), last="[DONE]")
-    return StreamingResponse(events, media_type="text/event-stream")
+    return EventStreamResponse(events, stream_stall_timeout_s)
 
 
 class JsonBodyMiddleware:
@@ -273,8 +277,9 @@ class UnroutedPathMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_openai_app(backend: Callable[[], Backend], max_body_bytes: int) -> FastAPI:
-    """`backend` gives the service instance that handles a request (bentoml.get_current_service)."""
+def build_openai_app(backend: Callable[[], Backend], max_body_bytes: int, stream_stall_timeout_s: float) -> FastAPI:
+    """`backend` gives the service instance that handles a request (bentoml.get_current_service); a stream
+    is dropped when its client takes none of it for `stream_stall_timeout_s` (EventStreamResponse)."""
     app = FastAPI(title="OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(JsonBodyMiddleware, max_body_bytes=max_body_bytes)
     app.add_exception_handler(RequestValidationError, _invalid_request)
@@ -296,11 +301,11 @@ def build_openai_app(backend: Callable[[], Backend], max_body_bytes: int) -> Fas
     @app.post("/chat/completions", response_model=ChatCompletion)
     async def chat_completions(body: ChatCompletionRequest, request: Request, service: Backend = current) -> Any:
         """Chat messages through the model's chat template; `stream` for server-sent chunks."""
-        return await _answer(request, service, body, ChatFormat)
+        return await _answer(request, service, body, ChatFormat, stream_stall_timeout_s)
 
     @app.post("/completions", response_model=Completion)
     async def completions(body: CompletionRequest, request: Request, service: Backend = current) -> Any:
         """Raw text that the model continues, without the chat template; `stream` for server-sent chunks."""
-        return await _answer(request, service, body, TextFormat)
+        return await _answer(request, service, body, TextFormat, stream_stall_timeout_s)
 
     return app

@@ -35,6 +35,7 @@ from domain import (
 from tests.unit.fakes import LIMITS, SYSTEM_PROMPT, TEST_MODEL_ID, FakeModelRepository
 
 MAX_BODY_BYTES = 4096
+STREAM_STALL_TIMEOUT_S = 10.0  # no test here stops reading a stream
 HELLO = [{"role": "user", "content": "hello there"}]
 END = "</s>"  # ScoresTokens' end of sequence
 
@@ -84,7 +85,7 @@ class RefusesGrammars(FakeModelRepository):
 def client_for(repository: FakeModelRepository, service: ModelService, max_body_bytes: int = MAX_BODY_BYTES) -> TestClient:
     generate_text = GenerateTextUseCase(service, repository, PromptBuilder(SYSTEM_PROMPT), LIMITS, auto_load=True)
     backend = SimpleNamespace(generate_text=generate_text, models=service)
-    return TestClient(build_openai_app(lambda: backend, max_body_bytes))
+    return TestClient(build_openai_app(lambda: backend, max_body_bytes, STREAM_STALL_TIMEOUT_S))
 
 
 @pytest.fixture
@@ -546,7 +547,7 @@ class TestUnroutedPaths:
         async def outer_router(scope, receive, send) -> None:
             await JSONResponse({"passed_on": scope["path"]})(scope, receive, send)
 
-        openai_app = build_openai_app(lambda: None, MAX_BODY_BYTES)
+        openai_app = build_openai_app(lambda: None, MAX_BODY_BYTES, STREAM_STALL_TIMEOUT_S)
         return TestClient(UnroutedPathMiddleware(outer_router, openai_app=openai_app, prefix="/v1"))
 
     @pytest.mark.parametrize("path", ["/v1/models/a%2Fb", "/v1/models/a%0Ab", "/v1/nothing", "/v1/chat"])

@@ -42,7 +42,7 @@ def bentoml_spec() -> dict:
 
 def with_openai_app(spec: dict) -> dict:
     """The spec with the real /v1 app's paths and schemas merged in, as BentoML merges a mounted FastAPI app."""
-    openai = build_openai_app(lambda: None, max_body_bytes=4096).openapi()
+    openai = build_openai_app(lambda: None, max_body_bytes=4096, stream_stall_timeout_s=10.0).openapi()
     spec["paths"].update({"/v1" + path: item for path, item in openai["paths"].items()})
     spec["components"]["schemas"].update(openai["components"]["schemas"])
     return spec

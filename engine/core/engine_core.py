@@ -162,6 +162,9 @@ class EngineCore:
             with self._wakeup:
                 step = self.scheduler.schedule(time.monotonic())
                 while step is None and not self._stopped:
+                    # Sequences may have left (their callers gone, their deadlines passed) with no
+                    # step to publish it: the board must not go on showing them ahead.
+                    self._publish()
                     if self.scheduler.has_work:  # sequences wait, none can run yet
                         self._wakeup.wait(STALLED_WAIT_S)
                     else:

@@ -161,3 +161,33 @@ def test_reservations_from_threads_and_workers_at_once_get_distinct_tickets(engi
     for thread in threads:
         thread.join()
     assert len(set(tickets)) == 600 and NO_TICKET not in tickets
+
+
+def test_an_engine_core_that_goes_idle_after_its_callers_left_publishes_an_empty_backlog(engine_board, worker_boards):
+    """Otherwise the board would go on refusing every request for work nobody waits for, and with
+    nothing let through, nothing would ever publish again."""
+    into = scheduler(max_batch_size=1)
+    taught(into.rate)
+    core = EngineCore(into, ScriptedRunner({}), name=MODEL, board=engine_board)
+    sequences = [
+        core.submit(SamplingRequest(prompt_of(8, 1000 * n), 50, 0.0, time.monotonic() + 60), lambda event: None)
+        for n in range(1, 4)
+    ]
+    core._publish()
+    with pytest.raises(PastDeadline):
+        worker_boards[0].reserve(MODEL, Work(0, 10), 0, 3.0)  # 150 steps ahead
+    for sequence in sequences:
+        sequence.cancel()
+    core.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                worker_boards[0].reserve(MODEL, Work(0, 10), 0, 3.0)
+                break
+            except PastDeadline:
+                time.sleep(0.01)
+        else:
+            pytest.fail("the board still shows the cancelled sequences ahead")
+    finally:
+        core.stop()

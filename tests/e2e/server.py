@@ -14,11 +14,14 @@ from pathlib import Path
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT
 
 BENTOML = str(Path(sys.executable).parent / "bentoml")
 SERVICE = "service:AIModelService"
+
+Samples = dict[tuple[str, frozenset], float]
 
 
 def free_port() -> int:
@@ -115,3 +118,19 @@ def wait_for_empty_batch(url: str, timeout_s: float = 3.0) -> float:
         assert time.monotonic() - started < timeout_s, "the disconnected request still holds its batch slot"
         time.sleep(0.02)
     return time.monotonic() - started
+
+
+def scrape(http: httpx.Client) -> Samples:
+    """Every sample on /metrics, by name and labels."""
+    response = http.get("/metrics")
+    assert response.status_code == 200, response.text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample's value; a KeyError says the series is absent."""
+    return samples[(name, frozenset(labels.items()))]

@@ -9,7 +9,8 @@ import uuid
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from .server import Samples, scrape, value
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 UNKNOWN_MODEL = "no-such-model-for-metrics"
@@ -22,24 +23,6 @@ PER_MODEL_HISTOGRAMS = (
     "ai_model_time_per_output_token_seconds",
     "ai_model_queue_wait_seconds",
 )
-
-Samples = dict[tuple[str, frozenset], float]
-
-
-def scrape(http: httpx.Client) -> Samples:
-    response = http.get("/metrics")
-    assert response.status_code == 200, response.text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sample's value; a KeyError says the series is absent."""
-    return samples[(name, frozenset(labels.items()))]
-
 
 def has(samples: Samples, name: str, **labels: str) -> bool:
     return (name, frozenset(labels.items())) in samples

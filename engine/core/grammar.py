@@ -139,7 +139,11 @@ def grammar_text(guided: GuidedDecoding) -> str:
             ) from None
         if not isinstance(schema, dict):
             raise InvalidRequestError(f"{guided.field}: a JSON schema must be a JSON object, got {shown(guided.value)}")
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        except ValueError as error:  # llguidance reads JSON numbers as 64-bit: a longer integer is refused
+            problem = f"not a JSON schema this server can follow ({error})"
+            raise InvalidRequestError(f"{guided.field}: {problem}, got {shown(guided.value)}") from None
     if guided.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(guided.value)
     if guided.kind == "choice":

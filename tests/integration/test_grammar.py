@@ -253,6 +253,7 @@ def test_a_choice_list_gives_exactly_one_of_the_choices(compiler, tokenizer):
         (GuidedDecoding("json_schema", '{"$ref": "#/$defs/nope"}', SCHEMA_FIELD), "nope"),
         (GuidedDecoding("json_schema", '{"type": "string", "pattern": "([a-z"}', SCHEMA_FIELD), "unclosed"),
         (GuidedDecoding("json_schema", '{"type": "array", "uniqueItems": true}', SCHEMA_FIELD), "uniqueItems"),
+        (GuidedDecoding("json_schema", '{"maximum": 18446744073709551616}', SCHEMA_FIELD), "not JSON serializable"),
         (GuidedDecoding("regex", "a(b", "guided_regex"), "unclosed group"),
         (GuidedDecoding("choice", '["a", 1]', "guided_choice"), "list of strings"),
         (GuidedDecoding("choice", "[]", "guided_choice"), "list of strings"),

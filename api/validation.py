@@ -157,12 +157,12 @@ class RequestValidationMiddleware:
         except ValidationError as error:
             await error_response(describe(error), "validation_error")(scope, receive, send)
             return
-        body = validated.model_dump_json().encode()
         if self.door is None or scope["path"] not in self.door_paths:
+            body = validated.model_dump_json().encode()
             await self.app(with_json_body(scope, body), replay(body, receive), send)
             return
         try:
-            ticket = self.door.admit(scope["path"], validated.model_dump())
+            ticket = self.door.admit(scope["path"], dict(validated))
         except ModelServiceError as refused:
             await response_for(refused)(scope, receive, send)
             return
@@ -171,6 +171,7 @@ class RequestValidationMiddleware:
             # The requests of a burst arrive together: each is let in or refused before any of them
             # runs its handler, so a refusal waits for no one's work.
             await asyncio.sleep(0)
+            body = validated.model_dump_json().encode()
             await self.app(with_json_body(scope, body), replay(body, receive), send)
         finally:
             door_ticket.reset(reserved)

@@ -1,7 +1,7 @@
 """Chaos: a burst of 200 concurrent /generate calls at the service's defaults, on a quiet machine and
 on one a CPU hog keeps busy on every core (scripts/burst.py starts and stops it). Every answer is 200
 or 429, never a 504: what cannot finish within its deadline is refused at the door. Bounds: every
-answer within MAX_GENERATION_TIME (30 s); every refusal within REFUSAL_BOUND_MS, a bound on waiting
+answer within MAX_GENERATION_TIME (30 s, and 5 s for its way to and from the engine); every refusal within REFUSAL_BOUND_MS, a bound on waiting
 (a refusal never waits on the queue), not on speed: scripts/burst.py measures the latency against
 its 100 ms bar (BENCHMARKS.md)."""
 
@@ -22,12 +22,15 @@ from .server import start
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 REFUSAL_BOUND_MS = 2000
+# MAX_GENERATION_TIME's 30 s run from the request's arrival in the engine; the client also waits for
+# the hop there and for the answer's way back.
+ANSWER_BOUND_S = 35
 
 
 def burst(url: str, hogs: int) -> str:
     run = subprocess.run(
         [sys.executable, "scripts/burst.py", "--url", url, "--rounds", "1", "--hog", str(hogs),
-         "--refusal-ms", str(REFUSAL_BOUND_MS), "--deadline-s", "30"],
+         "--refusal-ms", str(REFUSAL_BOUND_MS), "--deadline-s", str(ANSWER_BOUND_S)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0 and "verdict: PASS" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]

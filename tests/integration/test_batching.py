@@ -239,7 +239,8 @@ def test_a_request_the_queue_would_push_past_its_deadline_is_refused_on_arrival(
     async def queued_behind_a_long_one() -> None:
         exactly_120 = GenerationParams(120, 0.0, 120, min_new_tokens=120)
         long = asyncio.create_task(repository.generate_text(BUNDLED_MODEL_ID, story, exactly_120))
-        while not scheduler_of(repository).rate.known:  # its prompt step and a decode step have run
+        scheduler = scheduler_of(repository)  # its rate is known from the load's calibration
+        while not any(sequence.output_ids for sequence in scheduler.running):  # the long one decodes
             await asyncio.sleep(0.01)
         try:  # alone it would take about 0.3 s here; behind the long one's ~120 steps, over 3 s
             await repository.generate_text(BUNDLED_MODEL_ID, PROMPTS[0], GenerationParams(10, 0.0, 2.0))

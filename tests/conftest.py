@@ -21,3 +21,10 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
         [sys.executable, str(ROOT / "scripts" / "make_test_model.py"), "--out", str(out)], check=True, capture_output=True
     )
     return out
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The chaos tests run last: they load every core on purpose, and their first burst measures the
+    service on a machine that has settled (on a fresh CI machine the set-up's writes are still being
+    flushed while the first tests run)."""
+    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)

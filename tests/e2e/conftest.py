@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.redis_server import RedisServer
+
 from .server import RunningService, start
 
 
@@ -16,3 +18,11 @@ def service(tmp_path_factory) -> RunningService:
 @pytest.fixture(scope="session")
 def url(service) -> str:
     return service.url
+
+
+@pytest.fixture(scope="module")
+def cache_redis(tmp_path_factory) -> RedisServer:
+    """A real redis-server for one test module's services."""
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.kill()

@@ -18,8 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.redis_server import RedisServer
-
 from .server import RunningService, start
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -215,13 +213,6 @@ QUESTIONS = [
     {"query": query, "temperature": 0, "max_length": 16}
     for query in ("Name three colours.", "What is the capital of France?", "Name a large animal.")
 ]
-
-
-@pytest.fixture(scope="module")
-def cache_redis(tmp_path_factory) -> RedisServer:
-    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
 
 
 @pytest.fixture(scope="module")

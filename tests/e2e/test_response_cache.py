@@ -22,13 +22,6 @@ FAILURE_LOG = "generating without the response cache"
 
 
 @pytest.fixture(scope="module")
-def cache_redis(tmp_path_factory) -> RedisServer:
-    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
 def instances(cache_redis, tmp_path_factory) -> tuple[RunningService, RunningService]:
     """Two instances, as two pods would be: each its own API worker, engine and BentoML home (so its
     own /metrics), one model store, one Redis."""

@@ -95,6 +95,11 @@ GENERATED_TOKENS = Counter(
 )
 
 # The engine: memory, written every round of the memory watchdog (5 s).
+STEP_THREADS = Gauge(
+    f"{PREFIX}_engine_step_threads",
+    "Torch threads the engine's CPU steps run on: CPU_THREADS less the cores other processes keep busy",
+    multiprocess_mode=LATEST,
+)
 ENGINE_RSS = Gauge(f"{PREFIX}_engine_rss_bytes", "Resident memory of the engine process", multiprocess_mode=LATEST)
 ENGINE_VMS = Gauge(f"{PREFIX}_engine_vms_bytes", "Virtual memory of the engine process", multiprocess_mode=LATEST)
 GPU_ALLOCATED = Gauge(

@@ -30,6 +30,7 @@ from domain import (
 )
 from domain.generation import REQUEST_TIMEOUT
 from engine.core.queue_board import NO_TICKET, QueueBoard, door_ticket
+from engine.core.scheduler import QueueFull
 from engine.core.service_rate import PastDeadline, Work
 from metrics import SHED
 
@@ -124,6 +125,8 @@ class EngineClient(ModelRepository, SystemMonitor):
         own = Work(prompt_work(prompt), getattr(params, "max_new_tokens", 0))  # a decision decodes nothing
         try:
             return self._board.reserve(model_id, own, params.priority, params.timeout_s)
+        except QueueFull as full:
+            raise OverloadedError.queue_full(model_id, full.waiting, full.max_queue_size) from None
         except PastDeadline as late:
             SHED.labels(model=model_id).inc()
             by_own_timeout = params.timeout_by == REQUEST_TIMEOUT

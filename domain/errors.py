@@ -75,6 +75,13 @@ class OverloadedError(ModelServiceError):
             retry_after_s=expected_s - allowed_s,
         )
 
+    @classmethod
+    def queue_full(cls, model_id: str, waiting: int, max_queue_size: int) -> OverloadedError:
+        return cls(
+            f"{waiting} requests are already queued for {model_id!r} (MAX_QUEUE_SIZE={max_queue_size}) behind a "
+            "full batch; retry shortly"
+        )
+
 
 class EngineUnavailableError(ModelServiceError):
     """The generation engine cannot be reached: it is restarting after a crash, or shutting down."""

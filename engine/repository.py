@@ -56,6 +56,7 @@ from .core.sequence import (
 from .core.service_rate import PastDeadline
 from .layers.tuned_linear import Choice
 from .models import quantization
+from .models.cpu_threads import StepThreads
 from .models.devices import resolve_device
 from .models.loader import BatchingOptions, LoadedModel, ModelLoader, now
 from .models.memory import MemoryLimits, release_freed_memory
@@ -81,11 +82,13 @@ class TransformersModelRepository(ModelRepository):
         quantization_setting: str = quantization.NONE,
         linear_kernels: str = Choice.TUNED.value,
         queue_board: QueueBoard | None = None,
+        step_threads: StepThreads | None = None,
     ) -> None:
         self._catalog = catalog
         self._executor = executor
         self._loader = ModelLoader(
-            memory_limits, dtype, quantization_setting, batching, Choice(linear_kernels), queue_board=queue_board
+            memory_limits, dtype, quantization_setting, batching, Choice(linear_kernels), queue_board=queue_board,
+            step_threads=step_threads,
         )
         self._loaded: dict[str, LoadedModel] = {}
         self._changed_at: dict[str, datetime] = {}
@@ -344,10 +347,7 @@ class TransformersModelRepository(ModelRepository):
 
     def _overloaded(self, loaded: LoadedModel) -> OverloadedError:
         scheduler = loaded.core.scheduler
-        return OverloadedError(
-            f"{len(scheduler.waiting)} requests are already queued for {loaded.model_id!r} (MAX_QUEUE_SIZE="
-            f"{scheduler.max_queue_size}) behind a full batch; retry shortly"
-        )
+        return OverloadedError.queue_full(loaded.model_id, len(scheduler.waiting), scheduler.max_queue_size)
 
     @staticmethod
     def _raise_if_failed(loaded: LoadedModel, finish: FinishEvent, params: GenerationParams | ClassifyParams) -> None:

@@ -60,6 +60,7 @@ class GenerationEngine:
         # Imported here, not at the top: the API workers import this module for `bentoml.depends`
         # and need neither torch nor transformers.
         from .models import memory
+        from .models.cpu_threads import StepThreads
         from .models.devices import configure_torch, yield_cpu_to_api_workers
         from .models.loader import BatchingOptions
         from .models.watchdog import MemoryWatchdog
@@ -72,7 +73,7 @@ class GenerationEngine:
         yield_cpu_to_api_workers()
         self.memory = memory
         memory.limit_malloc_arenas()
-        configure_torch(settings.cpu_threads, settings.gpu_memory_fraction)
+        threads = configure_torch(settings.cpu_threads, settings.gpu_memory_fraction)
         self.executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="engine")
         self.catalog = BentoModelStoreCatalog()
         self.queue_board = QueueBoard.of_this_server()
@@ -95,6 +96,7 @@ class GenerationEngine:
             quantization_setting=settings.quantization,
             linear_kernels=settings.linear_kernels,
             queue_board=self.queue_board,
+            step_threads=StepThreads.started(threads) if threads > 1 else None,
         )
         self.watchdog = MemoryWatchdog(
             self.repository, limits, keep={settings.default_model_id}, idle_timeout_s=settings.model_idle_timeout

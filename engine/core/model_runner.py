@@ -15,6 +15,7 @@ import threading
 import torch
 
 from ..layers.paged_attention import PromptChunk, StepPlan, group_chunks
+from ..models.cpu_threads import StepThreads
 from .block_manager import BLOCK_SIZE, PADDING_BLOCK
 from .engine_core import StepAborted, StepRunner
 from .grammar import allocate_bitmask, apply_bitmask
@@ -48,10 +49,17 @@ def slots_of(block_table: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner(StepRunner):
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, eos_token_ids: set[int]) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: PagedKVCache,
+        eos_token_ids: set[int],
+        step_threads: StepThreads | None = None,
+    ) -> None:
         self._model = model
         self._cache = cache
         self._device = next(model.parameters()).device
+        self._step_threads = step_threads if self._device.type == "cpu" else None
         self._eos_index = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=self._device)
         self._generators: dict[int, torch.Generator] = {}  # a seeded sequence's own, kept across its steps
         self._grammars: dict[int, TokenMask] = {}  # a constrained sequence's grammar state, kept likewise
@@ -63,6 +71,8 @@ class ModelRunner(StepRunner):
         for seq_id in step.finished_ids:
             self._generators.pop(seq_id, None)
             self._grammars.pop(seq_id, None)
+        if self._step_threads is not None:
+            self._step_threads.apply(torch.set_num_threads)
         with torch.inference_mode():
             for copy in step.copies:
                 self._cache.copy_tokens(copy.source, copy.target, copy.tokens)

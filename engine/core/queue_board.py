@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .scheduler import QueueFull
 from .sequence import DEFAULT_PRIORITY
 from .service_rate import Backlog, ServiceRate, Work, check_deadline
 
@@ -62,6 +63,10 @@ MODEL = np.dtype(
         ("decode_step_s", "f8"),
         ("row_cost", "f8"),
         ("batch_size", "u4"),
+        ("running", "u4"),  # sequences in the batch
+        ("waiting", "u4"),  # sequences queued for it
+        ("max_queue_size", "u4"),
+        ("least_urgent", "i4"),  # the priority of the queue's last sequence; -1: none waits
         ("admitted", BACKLOGS),  # each view's backlog as the engine published it
         ("ahead", BACKLOGS),  # the same with the tickets on their way: what a new request is behind
     ]
@@ -172,6 +177,10 @@ class QueueBoard:
             models["decode_step_s"][index] = rate.decode_step_s or 0.0
             models["row_cost"][index] = rate.row_cost
             models["batch_size"][index] = scheduler.max_batch_size
+            models["running"][index] = len(scheduler.running)
+            models["waiting"][index] = len(scheduler.waiting)
+            models["max_queue_size"][index] = scheduler.max_queue_size
+            models["least_urgent"][index] = scheduler.waiting[-1].request.priority if scheduler.waiting else -1
             for view, backlog in enumerate(backlogs):
                 self._store(index, "admitted", view, backlog)
             if admitted_ticket != NO_TICKET:
@@ -191,13 +200,16 @@ class QueueBoard:
 
     def reserve(self, model_id: str, own: Work, priority: int, allowed_s: float) -> int:
         """A ticket for the request's work on its way to the engine (NO_TICKET for a model not on the
-        board); raises PastDeadline when the work ahead of it would make it finish after `allowed_s`."""
+        board); raises QueueFull when the queue and the requests on their way fill the batch's free
+        slots and MAX_QUEUE_SIZE with nothing less urgent to give way, and PastDeadline when the work
+        ahead of it would make it finish after `allowed_s`."""
         now = time.monotonic()
         with self._locked():
             index = self._model_index(model_id)
             if index is None:
                 return NO_TICKET
             self._drop_expired(now)
+            self._check_room(index, priority)
             models = self._models
             rate = ServiceRate.of(*(float(models[name][index]) for name in ("prompt_token_s", "decode_step_s", "row_cost")))
             if priority >= DEFAULT_PRIORITY and rate.prompt_token_s > 0 and rate.decode_step_s > 0:
@@ -211,6 +223,19 @@ class QueueBoard:
                         backlog.add(own)
                         self._store(index, "ahead", view, backlog)
             return ticket
+
+    def _check_room(self, index: int, priority: int) -> None:
+        """Scheduler.add's queue cap, with the requests on their way counted as queued: a burst is
+        refused here, not one by one after its hop to the engine."""
+        model, tickets = self._models[index], self._tickets
+        on_the_way = tickets[(tickets["serial"] != NO_TICKET) & (tickets["model"] == index)]
+        queued = int(model["waiting"]) + len(on_the_way)
+        free_slots = max(0, int(model["batch_size"]) - int(model["running"]))
+        if queued < int(model["max_queue_size"]) + free_slots:
+            return
+        least_urgent = max(int(model["least_urgent"]), int(on_the_way["priority"].max(initial=-1)))
+        if least_urgent <= priority:
+            raise QueueFull(max(0, queued - free_slots), int(model["max_queue_size"]))
 
     def _drop_expired(self, now: float) -> None:
         tickets = self._tickets

@@ -48,6 +48,10 @@ from .service_rate import Backlog, PastDeadline, ServiceRate, Work, check_deadli
 class QueueFull(Exception):
     """The waiting queue holds max_queue_size sequences already."""
 
+    def __init__(self, waiting: int, max_queue_size: int) -> None:
+        super().__init__(f"{waiting} sequences are waiting (max_queue_size={max_queue_size})")
+        self.waiting, self.max_queue_size = waiting, max_queue_size
+
 
 @dataclass(frozen=True)
 class ScheduledChunk:
@@ -178,7 +182,7 @@ class Scheduler:
             self._metrics.expected_finish.observe(expected)
         if self.queue_full:
             if self.refuses(sequence.request.priority):
-                raise QueueFull(f"{len(self.waiting)} sequences are waiting (max_queue_size={self.max_queue_size})")
+                raise QueueFull(len(self.waiting), self.max_queue_size)
             displaced = f"a request of priority {sequence.request.priority} took its place"
             self.finish(self.waiting.pop(), FinishReason.REFUSED, displaced)
         place = len(self.waiting)

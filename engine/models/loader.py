@@ -35,6 +35,7 @@ from ..layers.kernels import load_kernels
 from ..layers.tuned_linear import Choice, TuningReport, plan_model
 from ..layers.tuning_cache import TuningCache, default_folder, host_key
 from . import quantization
+from .cpu_threads import StepThreads
 from .devices import dtype_for, stored_dtype
 from .memory import (
     MemoryLimits,
@@ -177,9 +178,11 @@ class ModelLoader:
         linear_kernels: Choice = Choice.TUNED,
         tuning_folder: Path | None = None,
         queue_board: QueueBoard | None = None,
+        step_threads: StepThreads | None = None,
     ) -> None:
         self._memory_limits = memory_limits
         self._queue_board = queue_board
+        self._step_threads = step_threads  # None: steps keep the thread count torch has
         self._dtype_setting = dtype
         self._quantization_setting = quantization_setting
         self._batching = batching
@@ -341,5 +344,5 @@ class ModelLoader:
             max_queue_size=batching.max_queue_size,
             metrics=SchedulerMetrics.for_model(model_id),
         )
-        runner = ModelRunner(model, cache, eos)
+        runner = ModelRunner(model, cache, eos, self._step_threads)
         return EngineCore(scheduler, runner, batching.batch_wait_s, name=model_id, board=self._queue_board)

@@ -11,6 +11,7 @@ import pytest
 from engine.core import service_rate
 from engine.core.engine_core import EngineCore
 from engine.core.queue_board import NO_TICKET, TICKET_TTL_S, QueueBoard
+from engine.core.scheduler import QueueFull
 from engine.core.sequence import SamplingRequest
 from engine.core.service_rate import PastDeadline, Work
 from tests.unit.fakes import ScriptedRunner
@@ -148,7 +149,7 @@ def test_an_unloaded_model_leaves_the_board_and_a_restarted_engine_clears_it(eng
 
 
 def test_reservations_from_threads_and_workers_at_once_get_distinct_tickets(engine_board, worker_boards):
-    engine_board.publish(MODEL, scheduler())
+    engine_board.publish(MODEL, scheduler(max_queue_size=1024))
     tickets: list[int] = []
 
     def reserve_many(board: QueueBoard) -> None:
@@ -191,3 +192,28 @@ def test_an_engine_core_that_goes_idle_after_its_callers_left_publishes_an_empty
             pytest.fail("the board still shows the cancelled sequences ahead")
     finally:
         core.stop()
+
+
+def test_the_queue_cap_counts_requests_on_their_way_and_refuses_at_the_door(engine_board, worker_boards):
+    """Batch of two, queue of three: five requests fit from an empty engine, the sixth is refused
+    before its hop, as Scheduler.add would refuse it after."""
+    into = scheduler(max_batch_size=2, max_queue_size=3)
+    engine_board.publish(MODEL, into)
+    tickets = [worker_boards[index % 2].reserve(MODEL, Work(5, 1), priority=0, allowed_s=60.0) for index in range(5)]
+    assert NO_TICKET not in tickets
+    with pytest.raises(QueueFull) as full:
+        worker_boards[0].reserve(MODEL, Work(5, 1), priority=0, allowed_s=60.0)
+    assert (full.value.waiting, full.value.max_queue_size) == (3, 3)
+    worker_boards[1].release(tickets[0])  # a request that ended on its way makes room
+    assert worker_boards[0].reserve(MODEL, Work(5, 1), priority=0, allowed_s=60.0) != NO_TICKET
+
+
+def test_a_full_queue_lets_a_more_urgent_request_through_to_take_a_less_urgent_place(engine_board, worker_boards):
+    into = scheduler(max_batch_size=1, max_queue_size=2)
+    for offset in range(2):
+        submit(into, prompt_of(5, 1000 * (offset + 1)), max_new_tokens=1, priority=50)
+    engine_board.publish(MODEL, into)
+    assert worker_boards[0].reserve(MODEL, Work(5, 1), priority=50, allowed_s=60.0) != NO_TICKET  # the free slot
+    with pytest.raises(QueueFull):
+        worker_boards[1].reserve(MODEL, Work(5, 1), priority=50, allowed_s=60.0)
+    assert worker_boards[1].reserve(MODEL, Work(5, 1), priority=0, allowed_s=60.0) != NO_TICKET

@@ -21,7 +21,7 @@ from domain import ClassifyParams, Generation, GenerationParams, ModelServiceErr
 from settings import ConfigurationError, get_settings
 
 from .core.loop_bridge import off_loop
-from .core.queue_board import NO_TICKET, QueueBoard
+from .core.queue_board import NO_TICKET, QueueBoard, remove_abandoned_boards
 from .models.catalog import BentoModelStoreCatalog
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class GenerationEngine:
         threads = configure_torch(settings.cpu_threads, settings.gpu_memory_fraction)
         self.executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="engine")
         self.catalog = BentoModelStoreCatalog()
+        remove_abandoned_boards()
         self.queue_board = QueueBoard.of_this_server()
         if self.queue_board is not None:
             self.queue_board.clear()  # a restarted engine: what the one before published died with it

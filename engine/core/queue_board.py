@@ -84,9 +84,34 @@ TICKET = np.dtype(
 SIZE = HEADER.itemsize + MAX_MODELS * MODEL.itemsize + MAX_TICKETS * TICKET.itemsize
 
 
-def board_path() -> Path:
+BOARD_NAME = "ai-model-queues-{pid}.board"
+
+
+def board_path(folder: Path | None = None) -> Path:
     """The same file for the engine and the API workers of one `bentoml serve`: their parent's."""
-    return Path(tempfile.gettempdir()) / f"ai-model-queues-{os.getppid()}.board"
+    return (folder or Path(tempfile.gettempdir())) / BOARD_NAME.format(pid=os.getppid())
+
+
+def remove_abandoned_boards(folder: Path | None = None) -> list[Path]:
+    """Removes the boards of servers that are gone: a server killed outright (SIGKILL, the OOM
+    killer) never unlinks its own. Returns what it removed."""
+    removed = []
+    for path in (folder or Path(tempfile.gettempdir())).glob(BOARD_NAME.format(pid="*")):
+        pid = path.name.removeprefix("ai-model-queues-").removesuffix(".board")
+        if pid.isdigit() and not process_exists(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 class QueueBoard:

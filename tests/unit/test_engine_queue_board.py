@@ -3,6 +3,8 @@ hop, and work on its way is counted once, by a ticket or by the scheduler."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 
@@ -10,7 +12,7 @@ import pytest
 
 from engine.core import service_rate
 from engine.core.engine_core import EngineCore
-from engine.core.queue_board import NO_TICKET, TICKET_TTL_S, QueueBoard
+from engine.core.queue_board import BOARD_NAME, NO_TICKET, TICKET_TTL_S, QueueBoard, remove_abandoned_boards
 from engine.core.scheduler import QueueFull
 from engine.core.sequence import SamplingRequest
 from engine.core.service_rate import PastDeadline, Work
@@ -217,3 +219,15 @@ def test_a_full_queue_lets_a_more_urgent_request_through_to_take_a_less_urgent_p
     with pytest.raises(QueueFull):
         worker_boards[1].reserve(MODEL, Work(5, 1), priority=50, allowed_s=60.0)
     assert worker_boards[1].reserve(MODEL, Work(5, 1), priority=0, allowed_s=60.0) != NO_TICKET
+
+
+def test_a_starting_engine_removes_the_boards_of_servers_that_are_gone(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    abandoned = tmp_path / BOARD_NAME.format(pid=gone.pid)
+    live = tmp_path / BOARD_NAME.format(pid=os.getpid())
+    other = tmp_path / "unrelated.board"
+    for path in (abandoned, live, other):
+        path.write_bytes(b"")
+    assert remove_abandoned_boards(tmp_path) == [abandoned]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, other.name])

@@ -4,12 +4,15 @@
 PROMETHEUS_MULTIPROC_DIR=$BENTOML_HOME/prometheus_multiproc_dir (emptied when a server starts).
 prometheus_client then keeps each process's values in files there, and /metrics, answered by any
 API worker, merges the files: counters and histograms add up across processes (and across engine
-restarts). Every gauge is written by the engine alone, so it reads as the value written last
-(`mostrecent`): a sum would go on counting a crashed engine's last value after its restart.
+restarts). Every gauge but one is written by the engine alone, so it reads as the value written last
+(`mostrecent`): a sum would go on counting a crashed engine's last value after its restart. The
+exception is a provider's circuit state, which each API worker writes for its own circuit breaker: it
+reads as the most open of them (`max`).
 
-Label values are bounded: `model` takes only ids of models loaded from the store, `error_type`
-only the error types the API answers with (anything else counts as `other`), `device` the CUDA
-devices present. Request text never becomes a label.
+Label values are bounded: `model` takes only ids of models loaded from the store (or, on the
+fallback counter, named in the providers file), `provider` and `chain` only ids from the providers
+file, `error_type` only the error types the API answers with (anything else counts as `other`),
+`device` the CUDA devices present. Request text never becomes a label.
 """
 
 from __future__ import annotations
@@ -129,10 +132,49 @@ RESPONSE_CACHE = Counter(f"{PREFIX}_response_cache", "Response cache lookups by 
 for _result in CACHE_RESULTS:  # both series show from the start, at 0
     RESPONSE_CACHE.labels(result=_result)
 
+# The API workers: the providers of external models, by the external model's id (adapters/providers.py).
+PROVIDER_OUTCOMES = ("ok", "rate_limited", "refused", "server_error", "unreachable", "timeout")
+PROVIDER_REQUESTS = Counter(
+    f"{PREFIX}_provider_requests",
+    "Calls to a provider, each retry one more, by outcome: ok, rate_limited (429), refused (another 4xx), "
+    "server_error (5xx), unreachable (no connection, or it broke), timeout",
+    ["provider", "outcome"],
+)
+PROVIDER_ERRORS = Counter(
+    f"{PREFIX}_provider_errors",
+    "Errors answered for an external model by error_type: the provider's failures, and the calls refused here "
+    "(provider_unavailable: circuit open; overloaded: its max_concurrency busy past queue_timeout_s)",
+    ["provider", "error_type"],
+)
+PROVIDER_SECONDS = Histogram(
+    f"{PREFIX}_provider_request_seconds", "Seconds of a call to a provider, to the end of its answer or its failure",
+    ["provider"], buckets=GENERATION_BUCKETS_S,
+)
+TOKEN_KINDS = ("prompt", "completion")
+PROVIDER_TOKENS = Counter(
+    f"{PREFIX}_provider_tokens",
+    "Tokens of a provider's answers as its usage reports them, by kind: prompt or completion",
+    ["provider", "kind"],
+)
+PROVIDER_CIRCUIT = Gauge(
+    f"{PREFIX}_provider_circuit_state",
+    "A provider's circuit: 0 closed, 1 half-open, 2 open (calls refused); the most open of the API workers'",
+    ["provider"], multiprocess_mode="max",
+)
+FALLBACKS = Counter(
+    f"{PREFIX}_fallbacks",
+    "Requests for a fallback chain passed on by a member (model) that could not serve them, by its error_type",
+    ["chain", "model", "error_type"],
+)
+
 
 def bounded(value: str, allowed: Collection[str]) -> str:
     """The value if it is an allowed one, else `other`: a label never takes free text."""
     return value if value in allowed else OTHER
+
+
+def count_fallback(chain_id: str, model_id: str, error_type: str) -> None:
+    FALLBACKS.labels(chain=chain_id, model=model_id, error_type=error_type).inc()
 
 
 def count_cache_lookup(hit: bool) -> None:
@@ -181,3 +223,33 @@ class SchedulerMetrics:
     def occupancy(self, waiting: int, running: int) -> None:
         self.queue_depth.set(waiting)
         self.batch_size.set(running)
+
+
+
+@dataclass(frozen=True)
+class ProviderMetrics:
+    """One provider's series, by the external model's id; each shows from the start, at 0."""
+
+    provider: str
+
+    def __post_init__(self) -> None:
+        for outcome in PROVIDER_OUTCOMES:
+            PROVIDER_REQUESTS.labels(provider=self.provider, outcome=outcome)
+        for kind in TOKEN_KINDS:
+            PROVIDER_TOKENS.labels(provider=self.provider, kind=kind)
+        PROVIDER_SECONDS.labels(provider=self.provider)
+        self.circuit(0)
+
+    def call(self, outcome: str, seconds: float) -> None:
+        PROVIDER_REQUESTS.labels(provider=self.provider, outcome=outcome).inc()
+        PROVIDER_SECONDS.labels(provider=self.provider).observe(seconds)
+
+    def error(self, error_type: str) -> None:
+        PROVIDER_ERRORS.labels(provider=self.provider, error_type=error_type).inc()
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        PROVIDER_TOKENS.labels(provider=self.provider, kind="prompt").inc(prompt)
+        PROVIDER_TOKENS.labels(provider=self.provider, kind="completion").inc(completion)
+
+    def circuit(self, level: int) -> None:
+        PROVIDER_CIRCUIT.labels(provider=self.provider).set(level)

@@ -12,6 +12,7 @@ status.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
@@ -23,6 +24,9 @@ from starlette.responses import JSONResponse, Response
 
 from adapters.drain import defer_sigterm, drain_limit_s
 from adapters.engine_client import ENGINE_UNREACHABLE, EngineClient
+from adapters.model_router import ModelRouter
+from adapters.providers import external_models
+from adapters.providers_file import ProvidersFile, read_providers_file
 from adapters.response_cache import response_cache_for
 from api.admission import AdmissionGate, AdmissionMiddleware
 from api.batch import answer_items, classify_command, generation_command
@@ -60,7 +64,9 @@ from domain import (
     UnloadModel,
 )
 from engine.core.queue_board import NO_TICKET, QueueBoard
+from engine.models.catalog import BentoModelStoreCatalog
 from engine.service import GenerationEngine
+from metrics import count_fallback
 from settings import get_settings
 from tracing import trace_requests_not_messages
 
@@ -75,6 +81,12 @@ HTTP_TIMEOUT_S = int(settings.max_generation_time) + 60
 READINESS_PROBE_TIMEOUT_S = 2
 # This worker's generation requests: counted against the cap, refused while draining for shutdown.
 admission = AdmissionGate(limit=settings.admission_limit_per_worker)
+# External models and fallback chains, checked against the store once at start-up: a bad file stops the service.
+providers = (
+    read_providers_file(settings.providers_file, BentoModelStoreCatalog().model_ids())
+    if settings.providers_file
+    else ProvidersFile()
+)
 
 
 async def answer(operation: Awaitable[Any], ctx: bentoml.Context | None = None) -> Any:
@@ -124,17 +136,24 @@ class AIModelService:
 
     def __init__(self) -> None:
         self.engine_client = client = EngineClient(self.engine, timeout_s=HTTP_TIMEOUT_S, board=QueueBoard.of_this_server())
+        self.repository = ModelRouter(client, external_models(providers.models, os.environ))
         self.models = ModelService(
-            client, client, settings.default_model_id, settings.device_type, settings.model_idle_timeout
+            self.repository,
+            client,
+            settings.default_model_id,
+            settings.device_type,
+            settings.model_idle_timeout,
+            fallbacks=providers.chains,
         )
         self.response_cache = response_cache_for(settings)
         self.generate_text = GenerateTextUseCase(
             self.models,
-            client,
+            self.repository,
             settings.prompt_builder,
             settings.generation_limits,
             settings.auto_load_models,
             cache=self.response_cache,
+            on_fallback=lambda chain, member, error: count_fallback(chain, member, error.error_type),
         )
         defer_sigterm(
             busy=lambda: admission.in_flight > 0,
@@ -155,6 +174,7 @@ class AIModelService:
     @bentoml.on_shutdown
     async def close_clients(self) -> None:
         await self.engine_client.close()
+        await self.repository.close()
         if self.response_cache is not None:
             await self.response_cache.close()
 
@@ -199,7 +219,8 @@ class AIModelService:
         """The door's decision (api/validation.py, Door) on a single generation or decision: its
         ticket on the engine's queue board, or OverloadedError when the queue would make it miss its
         deadline. Batch items reserve each their own on the way; a request the response cache may
-        answer is checked after the lookup."""
+        answer is checked after the lookup; a request for an external model asks nothing of the
+        engine, and one for a fallback chain is refused by its members one by one."""
         if fields["items"] is not None:
             return NO_TICKET
         command = classify_command(fields) if path == "/classify" else generation_command(fields)
@@ -207,7 +228,9 @@ class AIModelService:
             work = self.generate_text.engine_work(command)
         except InvalidRequestError:  # answered by the handler, in its usual words
             return NO_TICKET
-        return NO_TICKET if work is None else self.engine_client.reserve(*work)
+        if work is None or not self.repository.is_local(work[0]):
+            return NO_TICKET
+        return self.engine_client.reserve(*work)
 
     async def list_models(self) -> dict[str, Any]:
         models = await self.models.list_models()
@@ -272,13 +295,19 @@ OPENAI_GENERATION_ROUTES = {OPENAI_PREFIX + path for path in OPENAI_GENERATION_P
 ENGINE_ERRORS = {"engine_unavailable", "internal_error"}
 BODY_ERRORS = ENGINE_ERRORS | {"validation_error", "payload_too_large"}
 LOAD_ERRORS = BODY_ERRORS | {"model_not_found", "device_not_available", "insufficient_memory", "generation_error"}
-GENERATION_ERRORS = LOAD_ERRORS | {"model_not_loaded", "model_unloading", "overloaded", "shutting_down", "generation_timeout"}
+PROVIDER_ERRORS = {"provider_error", "provider_unavailable"}
+GENERATION_ERRORS = LOAD_ERRORS | PROVIDER_ERRORS | {
+    "model_not_loaded", "model_unloading", "overloaded", "shutting_down", "generation_timeout"
+}
+# A decision through an external model needs labels that begin apart, and its provider's logprobs.
+DECISION_ROUTES = {"/generate", "/generate-task", "/classify"}
 ERRORS_BY_ROUTE = {
     **dict.fromkeys(GENERATION_ROUTES | OPENAI_GENERATION_ROUTES, GENERATION_ERRORS),
+    **dict.fromkeys(DECISION_ROUTES, GENERATION_ERRORS | {"external_model"}),
     # A submitted task is refused only at the door; what generation answers, /generate-task/get answers.
     "/generate-task/submit": {"validation_error", "payload_too_large", "overloaded", "shutting_down"},
-    "/load-model": LOAD_ERRORS,
-    "/unload-model": BODY_ERRORS | {"model_not_found", "model_not_loaded"},
+    "/load-model": LOAD_ERRORS | {"external_model"},
+    "/unload-model": BODY_ERRORS | {"model_not_found", "model_not_loaded", "external_model"},
     "/optimize-memory": BODY_ERRORS,
     **dict.fromkeys((route.path for route in routes.routes), ENGINE_ERRORS),  # the GET routes
     OPENAI_PREFIX + "/models": ENGINE_ERRORS,

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     response_cache_ttl: float = Field(3600.0, ge=0.0, description="seconds a cached answer is served; 0 = no limit")
     redis_url: str | None = Field(None, description="redis:// URL of the cache shared by workers and instances")
     redis_timeout: float = Field(0.2, gt=0.0, le=10.0, description="seconds a Redis call may take before it is skipped")
+    # External models and fallback chains (README, "External models and fallback chains").
+    providers_file: str | None = Field(None, description="YAML or JSON file of external models and fallback chains")
     host: str = "127.0.0.1"
     port: int = Field(8003, ge=1, le=65535)
 

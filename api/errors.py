@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_BY_ERROR_TYPE = {
     "validation_error": 422,
+    "external_model": 400,
     "payload_too_large": 413,
     "model_not_found": 404,
     "model_not_loaded": 503,
@@ -24,6 +25,8 @@ STATUS_BY_ERROR_TYPE = {
     "overloaded": 429,
     "shutting_down": 503,
     "engine_unavailable": 503,
+    "provider_unavailable": 503,
+    "provider_error": 502,
     "generation_timeout": 504,
     "generation_error": 500,
     "model_service_error": 500,
@@ -36,7 +39,7 @@ for _error_type in STATUS_BY_ERROR_TYPE:  # every known type shows on /metrics f
 
 # How long a refused client should wait where the engine gives no estimate: about one short generation.
 RETRY_AFTER_S = 1
-RETRY_LATER = {"overloaded", "shutting_down", "engine_unavailable"}
+RETRY_LATER = {"overloaded", "shutting_down", "engine_unavailable", "provider_unavailable"}
 
 
 class ClientDisconnected(Exception):

@@ -198,12 +198,13 @@ async def _answer(
     if not body.stream:
         generation = await _or_error(cancel_on_disconnect(request, service.generate_text(command)), fields)
         return generation if isinstance(generation, Response) else form.whole(generation)
-    items = aiter(service.generate_text.stream(command))
     # Until the first piece the response has not started, so a client leaving is watched here;
     # after it, the streaming response stops when the client leaves.
-    first = await _or_error(cancel_on_disconnect(request, anext(items)), fields)
-    if isinstance(first, Response):
-        return first
+    opened = await _or_error(cancel_on_disconnect(request, service.generate_text.open_stream(command)), fields)
+    if isinstance(opened, Response):
+        return opened
+    form.model, items = opened  # the chunks name the model that serves them: a fallback chain's member
+    first = await anext(items)
     events = event_stream(first, items, form.chunks, lambda error: openai_error_body(*_failure(error)), last="[DONE]")
     return EventStreamResponse(events, stream_stall_timeout_s)
 

@@ -140,10 +140,13 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    kind: Literal["local", "external", "fallback"] = Field(
+        description="local: served by this service's engine; external: by a provider; fallback: a chain of models"
+    )
 
     @classmethod
     def of(cls, model: Model, owner: str) -> ModelCard:
-        return cls(id=model.id, created=int(model.created_at.timestamp()), owned_by=owner)
+        return cls(id=model.id, created=int(model.created_at.timestamp()), owned_by=owner, kind=model.kind)
 
 
 class ModelList(BaseModel):

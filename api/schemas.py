@@ -381,6 +381,20 @@ class MemoryUsageResponse(ProcessMemory):
     loaded_models: list[LoadedModelFootprint]
 
 
+class ProviderHealth(BaseModel):
+    """An external model's provider as this API worker sees it."""
+
+    model_id: str
+    base_url: str
+    provider_model: str = Field(description="the provider's name for the model")
+    circuit: Literal["closed", "half_open", "open"] = Field(
+        description="open: it failed too often and is not called until retry_in_s passes; half_open: one call probes it"
+    )
+    retry_in_s: float = Field(description="seconds until an open circuit lets a probe call through; 0 otherwise")
+    in_flight: int
+    max_concurrency: int
+
+
 class HealthResponse(BaseModel):
     status: Literal["healthy", "degraded", "unhealthy"] = Field(
         description="degraded: the default model is not loaded; unhealthy: a model's engine failed"
@@ -390,7 +404,8 @@ class HealthResponse(BaseModel):
     default_model_loaded: bool
     loaded_models_count: int
     loaded_models: list[Model]
-    available_models: list[str]
+    available_models: list[str] = Field(description="every model id: the store's, external models and fallback chains")
+    providers: list[ProviderHealth] = Field(description="the external models' providers, from PROVIDERS_FILE")
     memory_usage: ProcessMemory
 
 

@@ -89,6 +89,26 @@ class EngineUnavailableError(ModelServiceError):
     error_type = "engine_unavailable"
 
 
+class ExternalModelError(ModelServiceError):
+    """A load or unload of an id that names no model of this engine: an external model, served by its
+    provider, or a fallback chain."""
+
+    error_type = "external_model"
+
+
+class ProviderError(ModelServiceError):
+    """The provider of an external model failed to answer: it erred (5xx), could not be reached, broke
+    off its answer, or refused this service's credentials. The message names the provider."""
+
+    error_type = "provider_error"
+
+
+class ProviderUnavailableError(ModelServiceError):
+    """The provider's circuit is open after repeated failures: it is not called until its cool-down ends."""
+
+    error_type = "provider_unavailable"
+
+
 class GenerationError(ModelServiceError):
     error_type = "generation_error"
 
@@ -109,6 +129,9 @@ ERROR_KINDS: dict[str, type[ModelServiceError]] = {
         InsufficientMemoryError,
         OverloadedError,
         EngineUnavailableError,
+        ExternalModelError,
+        ProviderError,
+        ProviderUnavailableError,
         GenerationError,
         GenerationTimeoutError,
     )

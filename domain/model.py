@@ -2,7 +2,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+
+# What serves a model id: this service's engine, a provider's OpenAI-compatible API, or the first
+# member of a fallback chain that can.
+LOCAL, EXTERNAL, FALLBACK = "local", "external", "fallback"
+MODEL_KINDS = (LOCAL, EXTERNAL, FALLBACK)
 
 
 @dataclass
@@ -16,6 +21,7 @@ class Model:
     created_at: datetime
     updated_at: datetime
     metadata: dict[str, Any] | None = field(default=None)
+    kind: Literal["local", "external", "fallback"] = LOCAL  # MODEL_KINDS
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

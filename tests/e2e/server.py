@@ -46,6 +46,18 @@ class RunningService:
             if "generation-engine" in " ".join(child.cmdline())
         )
 
+    def kill(self) -> None:
+        """SIGKILLs `bentoml serve` and all its workers at once, as a crashed host would. BentoML starts each
+        worker in a session of its own, so killing the process group would leave them serving."""
+        processes = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(processes, timeout=30)
+        self.process.wait(timeout=30)
+
     def stop(self) -> int:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -68,12 +80,18 @@ def own_home(store: Path, beside: Path) -> Path:
 
 
 def launch(
-    log_path: Path, env: dict[str, str] | None = None, *, target: str = SERVICE, cwd: Path = ROOT
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    target: str = SERVICE,
+    cwd: Path = ROOT,
+    port: int | None = None,
 ) -> RunningService:
-    """`bentoml serve TARGET` (the checkout's service, or a Bento's tag) from CWD.
+    """`bentoml serve TARGET` (the checkout's service, or a Bento's tag) from CWD, on PORT or a free one
+    (a service restarted on its port keeps its address).
 
     The address comes from HOST and PORT, as in the container image, rather than from flags."""
-    port = free_port()
+    port = port or free_port()
     # The answers these tests expect are the bundled model's greedy fp32 answers on the CPU; on a GPU
     # machine DEVICE_TYPE=auto would serve it in bf16 on CUDA, worded otherwise. A test may set it.
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "DEVICE_TYPE": "cpu", **(env or {})}
@@ -100,9 +118,14 @@ def wait_ready(service: RunningService, timeout_s: float = 180) -> None:
 
 
 def start(
-    log_path: Path, env: dict[str, str] | None = None, *, target: str = SERVICE, cwd: Path = ROOT
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    target: str = SERVICE,
+    cwd: Path = ROOT,
+    port: int | None = None,
 ) -> RunningService:
-    service = launch(log_path, env, target=target, cwd=cwd)
+    service = launch(log_path, env, target=target, cwd=cwd, port=port)
     wait_ready(service)
     return service
 

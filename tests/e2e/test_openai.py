@@ -230,7 +230,7 @@ def test_the_routes_are_in_the_openapi_document_with_their_errors_in_openai_shap
     assert {"/v1/models", "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions"} <= set(paths)
     chat = paths["/v1/chat/completions"]["post"]
     assert "requestBody" in chat
-    assert {"200", "404", "413", "422", "429", "500", "503", "504", "507"} == set(chat["responses"])
+    assert {"200", "404", "413", "422", "429", "500", "502", "503", "504", "507"} == set(chat["responses"])
     assert chat["responses"]["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIErrorResponse")
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
 

@@ -60,7 +60,8 @@ class FakeModelRepository(ModelRepository):
     - an id the catalog does not know is a ModelNotFoundError (from the catalog);
     - device "auto" means the first of `devices`; a device not in `devices` is a DeviceNotAvailableError;
     - generating with a model that is not loaded is a ModelNotLoadedError;
-    - `fail_next_generations` / `fail_next_loads` make the next calls raise the given error instead.
+    - `fail_next_generations` / `fail_next_loads` make the next calls raise the given error instead;
+      `fail_generations_of` makes one model's generations and decisions raise it, until cleared.
 
     A generation echoes the last (user) message of the prompt, or a raw prompt's text, as its text.
     A decision picks the first label the last message mentions (else the first label), at 0.9.
@@ -74,12 +75,22 @@ class FakeModelRepository(ModelRepository):
         self.decisions: list[tuple[str, Prompt, ClassifyParams]] = []  # what was classified, in order
         self._generation_failures: list[ModelServiceError] = []
         self._load_failures: list[ModelServiceError] = []
+        self.failing_models: dict[str, ModelServiceError] = {}
         self.engine_errors: dict[str, str] = {}  # model id -> why its batch scheduler died
 
     # Test controls.
 
     def fail_next_generations(self, error_kind: type[ModelServiceError], times: int = 1) -> None:
         self._generation_failures += [error_kind(f"fake {error_kind.__name__}") for _ in range(times)]
+
+    def fail_generations_of(self, model_id: str, error: ModelServiceError) -> None:
+        self.failing_models[model_id] = error
+
+    def _raise_if_failing(self, model_id: str) -> None:
+        if self._generation_failures:
+            raise self._generation_failures.pop(0)
+        if model_id in self.failing_models:
+            raise self.failing_models[model_id]
 
     def fail_next_loads(self, error_kind: type[ModelServiceError], times: int = 1) -> None:
         self._load_failures += [error_kind(f"fake {error_kind.__name__}") for _ in range(times)]
@@ -106,8 +117,7 @@ class FakeModelRepository(ModelRepository):
         return self._describe(model_id)
 
     async def stream_text(self, model_id: str, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | Generation]:
-        if self._generation_failures:
-            raise self._generation_failures.pop(0)
+        self._raise_if_failing(model_id)
         if model_id not in self.loaded:
             self.catalog.get(model_id)
             raise ModelNotLoadedError.for_id(model_id)
@@ -127,8 +137,7 @@ class FakeModelRepository(ModelRepository):
         )
 
     async def classify(self, model_id: str, prompt: Prompt, params: ClassifyParams) -> Decision:
-        if self._generation_failures:
-            raise self._generation_failures.pop(0)
+        self._raise_if_failing(model_id)
         if model_id not in self.loaded:
             self.catalog.get(model_id)
             raise ModelNotLoadedError.for_id(model_id)

@@ -31,7 +31,7 @@ def test_error_from_an_unknown_type_is_a_plain_model_service_error(error_type: s
 def test_every_error_kind_has_its_own_error_type() -> None:
     kinds = {kind for kind in ERROR_KINDS.values()}
 
-    assert len(kinds) == len(ERROR_KINDS) == 11
+    assert len(kinds) == len(ERROR_KINDS) == 14
 
 
 def test_error_kinds_are_model_service_errors() -> None:

@@ -14,9 +14,9 @@ from domain import (
     Generation,
     GenerationParams,
     GenerationTimeoutError,
-    OverloadedError,
     InvalidRequestError,
     ModelUnloadingError,
+    OverloadedError,
     PromptBuilder,
 )
 from engine.core.block_manager import BLOCK_SIZE

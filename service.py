@@ -73,8 +73,8 @@ from tracing import trace_requests_not_messages
 settings = get_settings()
 trace_requests_not_messages()  # before BentoML builds the apps of this process
 schemas = request_schemas(settings)
-GenerateRequest, ClassifyRequest, LoadModelRequest, UnloadModelRequest = (
-    schemas.generate, schemas.classify, schemas.load_model, schemas.unload_model
+GenerateRequest, GenerateStreamRequest, ClassifyRequest, LoadModelRequest, UnloadModelRequest = (
+    schemas.generate, schemas.generate_stream, schemas.classify, schemas.load_model, schemas.unload_model
 )
 # The engine enforces MAX_GENERATION_TIME inside generation; this only catches a stuck hop.
 HTTP_TIMEOUT_S = int(settings.max_generation_time) + 60
@@ -186,7 +186,7 @@ class AIModelService:
         probability; with `items`, one answer per item, in order."""
         return await answer(cancel_on_disconnect(ctx.request, self._generate(request)), ctx)
 
-    @bentoml.api(route="/generate/stream", input_spec=GenerateRequest)
+    @bentoml.api(route="/generate/stream", input_spec=GenerateStreamRequest)
     async def generate_stream(self, ctx: bentoml.Context, **request: Any) -> AsyncGenerator[str, None]:
         """Server-sent events: `data: {"text"}` as tokens come, then `data: {"done": true, ...}` with
         the finish reason and usage. Errors found before the first token answer with their status."""
@@ -221,7 +221,7 @@ class AIModelService:
         deadline. Batch items reserve each their own on the way; a request the response cache may
         answer is checked after the lookup; a request for an external model asks nothing of the
         engine, and one for a fallback chain is refused by its members one by one."""
-        if fields["items"] is not None:
+        if fields.get("items") is not None:
             return NO_TICKET
         command = classify_command(fields) if path == "/classify" else generation_command(fields)
         try:
@@ -264,10 +264,6 @@ class AIModelService:
         return BatchClassifyResponse(results=results, total_time_ms=total_ms).model_dump()
 
     async def _event_stream(self, request: Request, fields: dict[str, Any]) -> EventStreamResponse:
-        if fields["items"] is not None:
-            raise InvalidRequestError("items: the batch form is not streamed; POST it to /generate")
-        if fields["choices"] is not None:
-            raise InvalidRequestError("choices: a decision is not streamed; POST it to /generate or /classify")
         command = generation_command(fields)
         started = time.perf_counter()
         items = aiter(self.generate_text.stream(command))
@@ -352,7 +348,7 @@ AIModelService.add_asgi_middleware(
     RequestValidationMiddleware,
     schemas={
         "/generate": GenerateRequest,
-        "/generate/stream": GenerateRequest,
+        "/generate/stream": GenerateStreamRequest,
         "/generate-task": GenerateRequest,
         "/generate-task/submit": GenerateRequest,
         "/classify": ClassifyRequest,

@@ -21,9 +21,10 @@ Command = GenerateText | Classify
 
 
 def generation_command(fields: dict[str, Any]) -> Command:
-    """/generate's command: a decision when it names choices, else a generation."""
+    """/generate's command (and /generate/stream's, which takes neither items nor choices): a decision
+    when it names choices, else a generation."""
     fields = {name: value for name, value in fields.items() if name != "items"}
-    choices, logprobs, top_logprobs = fields.pop("choices"), fields.pop("logprobs"), fields.pop("top_logprobs")
+    choices, logprobs, top_logprobs = fields.pop("choices", None), fields.pop("logprobs"), fields.pop("top_logprobs")
     if choices is not None:
         return Classify(
             query=fields["query"],

@@ -108,6 +108,7 @@ class Request(BaseModel):
 @dataclass(frozen=True)
 class RequestSchemas:
     generate: type[Request]
+    generate_stream: type[Request]
     classify: type[Request]
     batch_item: type[Request]
     load_model: type[Request]
@@ -147,11 +148,10 @@ def request_schemas(settings: Settings) -> RequestSchemas:
     ]
 
     class Verdict(Request):
-        """What /generate and /classify share."""
+        """What /generate, /generate/stream and /classify share."""
 
         query: Query = Field(description="the question or instruction")
         context: Context = Field(default_factory=list)
-        items: Items = None
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
         timeout: float | None = Field(
             None,
@@ -162,6 +162,11 @@ def request_schemas(settings: Settings) -> RequestSchemas:
         )
         priority: Priority = None
 
+    class Batch(Request):
+        """The batch form of /generate and /classify (a stream has one answer)."""
+
+        items: Items = None
+
         @field_validator("items")
         @classmethod
         def _no_shared_context(cls, items: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
@@ -169,10 +174,10 @@ def request_schemas(settings: Settings) -> RequestSchemas:
                 raise ValueError("each item brings its own context: give none beside items")
             return items
 
-    class ClassifyRequest(Verdict):
+    class ClassifyRequest(Batch, Verdict):  # items after context: their validator reads it
         labels: Labels = Field(description="the allowed answers; each is scored over all its tokens after the prompt")
 
-    class GenerateRequest(Verdict):
+    class GenerateStreamRequest(Verdict):
         max_length: int | None = Field(
             None,
             strict=True,
@@ -196,11 +201,13 @@ def request_schemas(settings: Settings) -> RequestSchemas:
             le=MAX_TOP_LOGPROBS,
             description="with logprobs: the likeliest tokens at each position",
         )
+
+        _with_logprobs = field_validator("top_logprobs")(top_logprobs_need_logprobs)
+
+    class GenerateRequest(Batch, GenerateStreamRequest):
         choices: Labels | None = Field(
             None, description="answer with the likeliest of these (as /classify does), with every choice's probability"
         )
-
-        _with_logprobs = field_validator("top_logprobs")(top_logprobs_need_logprobs)
 
         @field_validator("choices")
         @classmethod
@@ -220,7 +227,9 @@ def request_schemas(settings: Settings) -> RequestSchemas:
     class UnloadModelRequest(Request):
         model_id: ModelId | None = Field(None, description=f"default DEFAULT_MODEL_ID ({settings.default_model_id})")
 
-    return RequestSchemas(GenerateRequest, ClassifyRequest, BatchItem, LoadModelRequest, UnloadModelRequest)
+    return RequestSchemas(
+        GenerateRequest, GenerateStreamRequest, ClassifyRequest, BatchItem, LoadModelRequest, UnloadModelRequest
+    )
 
 
 class EmptyRequest(Request):

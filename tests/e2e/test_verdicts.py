@@ -140,8 +140,8 @@ def test_bentomls_client_reads_decisions_single_and_batched(url):
         ("/generate", {"query": "q", "priority": "urgent"}, ["priority", "interactive", "'urgent'"]),
         ("/generate", {"query": "q", "priority": 101}, ["priority", "100", "101"]),
         ("/generate", {"query": "q", "priority": 1.5}, ["priority", "integer", "1.5"]),
-        ("/generate/stream", {"query": "q", "items": [{}]}, ["items", "not streamed"]),
-        ("/generate/stream", {"query": "q", "choices": ["a", "b"]}, ["choices", "not streamed"]),
+        ("/generate/stream", {"query": "q", "items": [{}]}, ["items", "unknown field"]),  # one stream, one answer
+        ("/generate/stream", {"query": "q", "choices": ["a", "b"]}, ["choices", "unknown field"]),
     ],
 )
 def test_invalid_verdict_fields_answer_422_naming_the_field_limit_and_value(http, route, body, fragments):

@@ -19,6 +19,7 @@ from typing import Any
 
 import bentoml
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -29,6 +30,7 @@ from adapters.providers import external_models
 from adapters.providers_file import ProvidersFile, read_providers_file
 from adapters.response_cache import response_cache_for
 from api.admission import AdmissionGate, AdmissionMiddleware
+from api.auth import ApiKeyMiddleware, exempt_paths, warn_when_open
 from api.batch import answer_items, classify_command, generation_command
 from api.errors import openai_error_response, response_for
 from api.openai import GENERATION_PATHS as OPENAI_GENERATION_PATHS
@@ -160,6 +162,11 @@ class AIModelService:
             on_drain=lambda: setattr(admission, "draining", True),
             limit_s=drain_limit_s(settings.max_generation_time),
         )
+
+    @bentoml.on_deployment
+    def warn_without_api_keys() -> None:
+        """Once per server: `bentoml serve` runs it in its own process, before it starts the workers."""
+        warn_when_open(settings.accepted_api_keys)
 
     async def __is_ready__(self) -> bool:
         """503 from /readyz while draining, and while the engine is down (crashed, restarting) or not ready."""
@@ -309,6 +316,22 @@ ERRORS_BY_ROUTE = {
     OPENAI_PREFIX + "/models": ENGINE_ERRORS,
     OPENAI_PREFIX + "/models/{model_id}": ENGINE_ERRORS | {"model_not_found"},
 }
+# Middlewares added first wrap those added later. CORS is outermost: it answers a browser's preflight, which
+# carries no key, and puts its headers on every answer to an allowed origin, a 401 too. The key check comes
+# next: a request without a key is refused before its body is read or it takes an admission slot.
+if settings.cors_origins:
+    AIModelService.add_asgi_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["*"],  # the key travels in Authorization, never in cookies: any header is safe to allow
+        expose_headers=["Retry-After"],
+    )
+API_KEY_EXEMPT = exempt_paths(settings.metrics_require_api_key) if settings.accepted_api_keys else None
+if API_KEY_EXEMPT is not None:
+    AIModelService.add_asgi_middleware(
+        ApiKeyMiddleware, keys=settings.accepted_api_keys, exempt=API_KEY_EXEMPT, openai_prefix=OPENAI_PREFIX
+    )
 AIModelService.add_asgi_middleware(
     DocumentedErrorsMiddleware,
     spec=lambda: AIModelService.openapi_spec.asdict(),
@@ -327,6 +350,7 @@ AIModelService.add_asgi_middleware(
     # development server", and `bentoml serve` is this service's server, in the container too.
     unserved=["/generate-task/cancel"],
     task_routes=["/generate-task"],
+    api_key_exempt=API_KEY_EXEMPT,
 )
 AIModelService.add_asgi_middleware(UnroutedPathMiddleware, openai_app=openai_app, prefix=OPENAI_PREFIX)
 # Outermost first: a request over the cap is refused before its body is read. Both share one count.

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from domain import GenerationLimits, PromptBuilder
 from domain.prompt import DEFAULT_SYSTEM_PROMPT
@@ -19,6 +20,14 @@ MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+# What an `Authorization: Bearer` header carries unchanged (visible ASCII, no space), and no comma: API_KEYS
+# separates keys by commas, so a key of the file must be one that API_KEYS could give too.
+API_KEY_PATTERN = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+API_KEY_RULE = "a key is visible ASCII characters with no space or comma, as an Authorization header carries it"
+# Starlette's CORS middleware compares a browser's Origin header with these exactly: no path, no trailing slash.
+ORIGIN_PATTERN = re.compile(r"\*|https?://[^/\s?#]+")
+# Settings whose value is never shown, not even in a start-up error.
+SECRET_SETTINGS = {"api_keys"}
 
 
 def validate_device(value: str) -> str:
@@ -26,6 +35,47 @@ def validate_device(value: str) -> str:
     if not DEVICE_PATTERN.match(device):
         raise ValueError(f"must be one of {DEVICE_NAMES}, got {value!r}")
     return device
+
+
+def comma_separated(value: object) -> object:
+    """A variable's `a, b,c` as ("a", "b", "c"); blank entries are dropped, so an empty variable is none."""
+    if isinstance(value, str):
+        return tuple(entry.strip() for entry in value.split(",") if entry.strip())
+    return value
+
+
+def check_api_key(key: str, where: str) -> str:
+    if not API_KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"{where} is not a usable key: {API_KEY_RULE}")  # never the key itself
+    return key
+
+
+class ApiKeysFile(BaseModel):
+    """API_KEYS_FILE's keys, read once at start-up."""
+
+    model_config = ConfigDict(frozen=True)
+    path: str
+    keys: tuple[SecretStr, ...]
+
+
+def read_api_keys_file(value: object) -> object:
+    """One key a line; blank lines and lines that start with # are skipped."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return None
+    try:
+        lines = Path(value).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the keys file {value}: {error}") from None
+    keys = [
+        check_api_key(line.strip(), f"line {number} of {value}")
+        for number, line in enumerate(lines, start=1)
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    if not keys:
+        raise ValueError(f"the keys file {value} holds no key (one a line; blank lines and # comments are skipped)")
+    return ApiKeysFile(path=value, keys=keys)
 
 
 class Settings(BaseSettings):
@@ -81,6 +131,17 @@ class Settings(BaseSettings):
     redis_timeout: float = Field(0.2, gt=0.0, le=10.0, description="seconds a Redis call may take before it is skipped")
     # External models and fallback chains (README, "External models and fallback chains").
     providers_file: str | None = Field(None, description="YAML or JSON file of external models and fallback chains")
+    # API keys and CORS (README, "API keys and CORS").
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="comma-separated keys a client sends as `Authorization: Bearer <key>`; none: the API is open"
+    )
+    api_keys_file: Annotated[ApiKeysFile | None, NoDecode] = Field(
+        None, description="a file of keys, one a line (blank lines and # comments skipped), accepted beside API_KEYS"
+    )
+    metrics_require_api_key: bool = Field(True, description="with API keys set, /metrics needs a key too")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="comma-separated origins browsers may call from, or *; none: no CORS headers"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8003, ge=1, le=65535)
 
@@ -98,6 +159,29 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with {' or '.join(scheme + '://' for scheme in REDIS_SCHEMES)}")
         return value
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: object) -> object:
+        keys = comma_separated(value)
+        if keys == () and isinstance(value, str):  # an empty Secret must not open the API
+            raise ValueError("is set but holds no key: unset it to serve without keys")
+        if isinstance(keys, tuple):
+            for number, key in enumerate(keys, start=1):
+                check_api_key(key, f"key {number} of {len(keys)}")
+        return keys
+
+    _api_keys_file = field_validator("api_keys_file", mode="before")(read_api_keys_file)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _cors_origins(cls, value: object) -> object:
+        origins = comma_separated(value)
+        for origin in origins if isinstance(origins, tuple) else ():
+            if not ORIGIN_PATTERN.fullmatch(origin):
+                raise ValueError(f"each origin is * or scheme://host[:port], with no path or trailing slash, got {origin!r}")
+        # Browsers send the scheme and host in lower case, and Starlette compares them exactly.
+        return tuple(origin.lower() for origin in origins) if isinstance(origins, tuple) else origins
+
     @field_validator("model_dtype")
     @classmethod
     def _dtype(cls, value: str) -> str:
@@ -114,6 +198,12 @@ class Settings(BaseSettings):
         if value == "int8" and dtype not in ("auto", "float32"):
             raise ValueError(f"int8 layers take float32 input: needs MODEL_DTYPE auto or float32, got {dtype!r}")
         return value
+
+    @property
+    def accepted_api_keys(self) -> tuple[SecretStr, ...]:
+        """API_KEYS' and API_KEYS_FILE's keys together; none: every route is open."""
+        from_file = self.api_keys_file.keys if self.api_keys_file else ()
+        return tuple(dict.fromkeys((*self.api_keys, *from_file)))
 
     @property
     def max_body_bytes(self) -> int:
@@ -146,7 +236,8 @@ def describe_errors(error: ValidationError) -> str:
     problems = []
     for item in error.errors(include_url=False):
         variable = str(item["loc"][0]).upper() if item["loc"] else "?"
-        problems.append(f"{variable}={item.get('input')!r}: {item['msg']}")
+        shown = "<hidden>" if variable.lower() in SECRET_SETTINGS else repr(item.get("input"))
+        problems.append(f"{variable}={shown}: {item['msg']}")
     return "invalid configuration: " + "; ".join(problems)
 
 

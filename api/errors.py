@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_BY_ERROR_TYPE = {
     "validation_error": 422,
+    "unauthorized": 401,
     "external_model": 400,
     "payload_too_large": 413,
     "model_not_found": 404,

@@ -31,6 +31,7 @@ ERROR_SCHEMA = {
     },
 }
 OPENAI_ERROR_SCHEMA_NAME = OpenAIErrorResponse.__name__
+BEARER_SCHEME_NAME = "apiKey"
 TASK_STATUS_SCHEMA_NAME = "TaskStatusResponse"
 TASK_SUBMITTED_SCHEMA_NAME = "TaskSubmittedResponse"
 TASK_SUBMITTED_SCHEMA = {
@@ -129,6 +130,21 @@ def whole_request_schemas(spec: dict[str, Any]) -> None:
                     operation["requestBody"]["required"] = True
 
 
+def require_api_key(spec: dict[str, Any], exempt: Iterable[str], openai_routes: set[str]) -> None:
+    """Every route but `exempt` asks for a bearer key, and answers 401 `unauthorized` without a right one."""
+    spec["components"]["securitySchemes"] = {
+        BEARER_SCHEME_NAME: {"type": "http", "scheme": "bearer", "description": "one of API_KEYS or API_KEYS_FILE's keys"}
+    }
+    exempt = set(exempt)
+    for route, path_item in spec["paths"].items():
+        if route in exempt:
+            continue
+        refused = error_responses({"unauthorized"}, OPENAI_ERROR_SCHEMA_NAME if route in openai_routes else ERROR_SCHEMA_NAME)
+        for operation in path_item.values():
+            operation["security"] = [{BEARER_SCHEME_NAME: []}]
+            operation["responses"] = either_response(operation["responses"], refused)
+
+
 def _refs(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
         ref = node.get("$ref")
@@ -162,6 +178,7 @@ def document_errors(
     answers: Mapping[str, Iterable[type[BaseModel]]] | None = None,
     unserved: Iterable[str] = (),
     task_routes: Iterable[str] = (),
+    api_key_exempt: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """A copy of `spec` whose routes in `errors_by_route` list their success and the errors they answer,
     in OpenAI's shape on `openai_routes`, instead of the generic errors BentoML or FastAPI put there.
@@ -171,7 +188,8 @@ def document_errors(
     `answers` maps a route that answers one of several bodies to their models: BentoML documents
     only one body per API (it flattens a union to its first member). `unserved` routes are left out:
     BentoML declares them, but under `bentoml serve` they refuse every request. `task_routes` are
-    BentoML tasks, documented by `document_task` from their own route's documentation."""
+    BentoML tasks, documented by `document_task` from their own route's documentation. With API keys,
+    `api_key_exempt` are the routes that need none (api/auth.py); None: no route needs a key."""
     spec = json.loads(json.dumps(spec))  # a deep copy, with statuses as JSON writes them: strings
     for route in unserved:
         spec["paths"].pop(route, None)
@@ -200,6 +218,8 @@ def document_errors(
         success["content"] = {**json_answer, **event_stream(data)}
     for route in task_routes:
         document_task(spec, route)
+    if api_key_exempt is not None:
+        require_api_key(spec, api_key_exempt, openai_routes)
     without_unused_schemas(spec)
     return spec
 

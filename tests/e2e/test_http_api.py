@@ -123,6 +123,12 @@ def test_probes_answer(http):
     assert http.get("/readyz").status_code == 200
 
 
+def test_without_api_keys_the_routes_are_open_and_the_server_says_so_once(http, service):
+    """Once for the server, not once per worker: MAX_PROCESSES is 2 here."""
+    assert http.get("/health").status_code == 200 and http.get("/docs.json").status_code == 200
+    assert service.logs().count("neither API_KEYS nor API_KEYS_FILE is set: every route is open") == 1
+
+
 def test_load_unload_and_reload_by_body_and_by_query(http):
     loaded = http.post("/load-model", json={"model_id": DEFAULT_MODEL, "device": "cpu"})
     assert loaded.status_code == 200, loaded.text

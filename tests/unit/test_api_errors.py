@@ -25,6 +25,7 @@ def test_every_domain_error_type_has_a_status(error_type: str) -> None:
     "error_type, status",
     [
         ("validation_error", 422),
+        ("unauthorized", 401),
         ("model_not_found", 404),
         ("model_not_loaded", 503),
         ("model_unloading", 503),

@@ -80,6 +80,30 @@ def test_routes_left_out_keep_bentomls_answers_and_the_stream_is_documented_as_e
     assert spec["openapi"] == "3.1.0"  # pydantic's `anyOf: [X, {type: null}]` is 3.1, not 3.0
 
 
+def test_with_api_keys_every_route_but_the_exempt_asks_for_a_bearer_key_and_documents_its_401():
+    spec = served(errors_by_route={"/generate": {"overloaded"}}, openai_routes=OPENAI_ROUTES, api_key_exempt={"/health"})
+
+    assert spec["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": "one of API_KEYS or API_KEYS_FILE's keys"
+    }
+    assert "security" not in spec["paths"]["/health"]["get"] and "401" not in spec["paths"]["/health"]["get"]["responses"]
+    for route, shape in (("/generate", ERROR_SCHEMA_NAME), ("/generate-task/status", ERROR_SCHEMA_NAME), ("/v1/models", OPENAI_ERROR_SCHEMA_NAME)):
+        (operation,) = spec["paths"][route].values()
+        assert operation["security"] == [{"apiKey": []}], route
+        refused = operation["responses"]["401"]
+        assert refused["description"] == "error_type: unauthorized"
+        assert refused["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{shape}"}, route
+    assert sorted(spec["paths"]["/generate"]["post"]["responses"]) == ["200", "401", "429"]
+
+
+def test_without_api_keys_no_route_asks_for_a_key():
+    spec = served(errors_by_route={"/generate": {"overloaded"}}, openai_routes=OPENAI_ROUTES)
+
+    assert "securitySchemes" not in spec["components"]
+    operations = [operation for path_item in spec["paths"].values() for operation in path_item.values()]
+    assert not any("security" in operation or "401" in operation["responses"] for operation in operations)
+
+
 def test_a_route_bentomls_server_does_not_serve_is_not_documented():
     """Every PUT /generate-task/cancel answers 400 under `bentoml serve`: offering it documents
     requests that the service refuses whatever they hold."""

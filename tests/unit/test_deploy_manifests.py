@@ -18,6 +18,7 @@ import pytest
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
+from api.auth import exempt_paths
 from settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,10 @@ SPEC_VARIABLES = (
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 
 API = "ai-model"
+# The Secret the API keys come from (created by hand, see README "API keys and CORS"), and its key.
+API_KEYS_SECRET = {"name": "ai-model-api-keys", "key": "API_KEYS"}
+SECRET_VARIABLES = {"API_KEYS"}
+README = ROOT / "README.md"
 METRIC = "bentoml_service_request_in_progress"
 # Seconds beyond the preStop pause and MAX_GENERATION_TIME that a stopping pod is given.
 DRAIN_MARGIN_S = 10
@@ -80,8 +85,13 @@ def container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
     return found
 
 
+def kubernetes_env_items() -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in container(find("Deployment", API), API)["env"]}
+
+
 def kubernetes_environment() -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container(find("Deployment", API), API)["env"]}
+    """The variables set to a value; the secret ones come from a Secret instead."""
+    return {name: item["value"] for name, item in kubernetes_env_items().items() if "value" in item}
 
 
 def compose() -> dict[str, Any]:
@@ -182,7 +192,37 @@ def test_every_variable_is_a_setting(source: str) -> None:
 
 
 def test_compose_and_kubernetes_carry_the_same_environment() -> None:
-    assert compose_environment() == kubernetes_environment()
+    secret_free = {name: value for name, value in compose_environment().items() if name not in SECRET_VARIABLES}
+
+    assert secret_free == kubernetes_environment()
+    assert set(kubernetes_env_items()) - set(kubernetes_environment()) == SECRET_VARIABLES
+
+
+def test_the_api_keys_come_from_a_required_secret() -> None:
+    reference = kubernetes_env_items()["API_KEYS"]["valueFrom"]["secretKeyRef"]
+    create = f"kubectl create secret generic {API_KEYS_SECRET['name']} --from-literal={API_KEYS_SECRET['key']}="
+
+    # Without the Secret the pod must not start, rather than serve with no key.
+    assert reference == {**API_KEYS_SECRET, "optional": False}
+    # How to create it, in the manifest and the README; no placeholder Secret is applied over the real one.
+    assert create in (KUBERNETES_DIR / "ai-model.yaml").read_text() and create in README.read_text()
+    assert not [doc for _, doc in manifests() if doc["kind"] == "Secret"]
+
+
+def test_compose_passes_the_api_keys_from_the_environment_and_refuses_to_start_without() -> None:
+    assert compose_environment()["API_KEYS"].startswith("${API_KEYS:?")
+
+
+def test_the_probes_and_the_scraped_metrics_need_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kubelets and annotation-driven Prometheus scrapes send no Authorization header."""
+    monkeypatch.setenv("METRICS_REQUIRE_API_KEY", kubernetes_environment()["METRICS_REQUIRE_API_KEY"])
+    api = container(find("Deployment", API), API)
+    annotations = find("Deployment", API)["spec"]["template"]["metadata"]["annotations"]
+    open_paths = exempt_paths(Settings().metrics_require_api_key)
+
+    assert {api[probe]["httpGet"]["path"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")} <= open_paths
+    assert annotations["prometheus.io/path"] in open_paths
+    assert urlparse(compose()["services"][API]["healthcheck"]["test"][-1]).path in open_paths
 
 
 def test_the_environment_passes_start_up_validation_and_keeps_the_specification_defaults(

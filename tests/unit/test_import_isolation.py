@@ -53,6 +53,8 @@ def test_the_blocker_really_blocks() -> None:
         "api.batch", "settings", "metrics", "engine.core.sequence", "engine.core.block_manager", "engine.core.scheduler",
         "engine.core.engine_core", "engine.core.label_scoring",
         "engine.core.loop_bridge", "adapters.engine_client", "adapters.response_cache", "adapters.drain",
+        "api.auth", "adapters.providers", "adapters.providers_file", "adapters.model_router", "adapters.circuit_breaker",
+        "engine.core.queue_board", "engine.models.cpu_threads",
     ],
 )  # fmt: skip
 def test_imports_without_torch_transformers_or_bentoml(module: str) -> None:

@@ -88,6 +88,11 @@ def test_device_type_is_normalized(monkeypatch: pytest.MonkeyPatch, value: str, 
         ("REDIS_URL", "http://redis:6379"),
         ("REDIS_URL", "redis-host:6379"),
         ("REDIS_TIMEOUT", "0"),
+        ("API_KEYS_FILE", "/no/such/keys"),
+        ("METRICS_REQUIRE_API_KEY", "maybe"),
+        ("CORS_ORIGINS", "https://app.example/"),
+        ("CORS_ORIGINS", "app.example"),
+        ("CORS_ORIGINS", "https://app.example?x=1"),
     ],
 )
 def test_a_bad_value_stops_start_up_naming_the_variable_and_the_value(
@@ -189,3 +194,125 @@ def test_an_empty_redis_url_means_no_redis(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("REDIS_URL", "")
 
     assert get_settings().redis_url is None
+
+
+def keys_of(configured: Settings) -> list[str]:
+    return [key.get_secret_value() for key in configured.accepted_api_keys]
+
+
+def test_without_keys_the_api_is_open_and_has_no_cors() -> None:
+    configured = Settings()
+
+    assert configured.accepted_api_keys == () and configured.api_keys_file is None
+    assert configured.metrics_require_api_key is True
+    assert configured.cors_origins == ()
+
+
+@pytest.mark.parametrize("value", ["", " ", " , "])
+def test_api_keys_set_but_empty_stop_the_service_rather_than_open_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """An empty Secret, or a compose variable left blank, must not serve the API to anyone."""
+    monkeypatch.setenv("API_KEYS", value)
+
+    with pytest.raises(ConfigurationError, match=r"API_KEYS=<hidden>: .*holds no key: unset it"):
+        get_settings()
+
+
+def test_cors_origins_are_compared_in_lower_case_as_browsers_send_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORS_ORIGINS", "https://App.Example:8443")
+
+    assert get_settings().cors_origins == ("https://app.example:8443",)
+
+
+def test_api_keys_are_comma_separated_and_trimmed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEYS", " first-key,second-key ,, first-key")
+
+    assert keys_of(get_settings()) == ["first-key", "second-key"]
+
+
+def test_the_keys_file_skips_blank_lines_and_comments_and_adds_to_api_keys(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# the dashboard\nfile-key-1\n\n   \n  file-key-2  \n# rotated out: old-key\nsecond-key\n")
+    monkeypatch.setenv("API_KEYS", "first-key,second-key")
+    monkeypatch.setenv("API_KEYS_FILE", str(keys))
+
+    configured = get_settings()
+
+    assert keys_of(configured) == ["first-key", "second-key", "file-key-1", "file-key-2"]
+    assert configured.api_keys_file.path == str(keys)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n  \n"])
+def test_a_keys_file_without_keys_stops_start_up_naming_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, text: str
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(text)
+    monkeypatch.setenv("API_KEYS_FILE", str(keys))
+
+    with pytest.raises(ConfigurationError) as raised:
+        get_settings()
+
+    assert f"API_KEYS_FILE='{keys}'" in str(raised.value)
+    assert f"the keys file {keys} holds no key" in str(raised.value)
+
+
+def test_an_unreadable_keys_file_stops_start_up_naming_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("API_KEYS_FILE", str(tmp_path))  # a directory: it cannot be read as a file
+
+    with pytest.raises(ConfigurationError) as raised:
+        get_settings()
+
+    assert f"cannot read the keys file {tmp_path}: " in str(raised.value)
+
+
+def test_a_bad_key_stops_start_up_without_showing_any_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEYS", "good-secret,bad secret")
+
+    with pytest.raises(ConfigurationError) as raised:
+        get_settings()
+
+    message = str(raised.value)
+    assert message.startswith("invalid configuration: API_KEYS=<hidden>: ")
+    assert "key 2 of 2 is not a usable key: a key is visible ASCII characters with no space" in message
+    assert "secret" not in message
+
+
+@pytest.mark.parametrize("bad_key", ["bad secret", "bad,secret"])  # a comma: API_KEYS could not give it
+def test_a_bad_line_of_the_keys_file_is_named_by_its_number_not_its_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, bad_key: str
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# keys\ngood-secret\n{bad_key}\n")
+    monkeypatch.setenv("API_KEYS_FILE", str(keys))
+
+    with pytest.raises(ConfigurationError) as raised:
+        get_settings()
+
+    assert f"line 3 of {keys} is not a usable key" in str(raised.value)
+    assert "secret" not in str(raised.value).replace(str(keys), "")
+
+
+def test_keys_never_show_in_the_settings_printed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("file-secret\n")
+    monkeypatch.setenv("API_KEYS", "env-secret")
+    monkeypatch.setenv("API_KEYS_FILE", str(keys))
+
+    configured = get_settings()
+
+    for shown in (repr(configured), str(configured), configured.model_dump_json()):
+        assert "env-secret" not in shown and "file-secret" not in shown
+
+
+def test_metrics_can_be_left_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_REQUIRE_API_KEY", "false")
+
+    assert get_settings().metrics_require_api_key is False
+
+
+def test_cors_origins_are_comma_separated_and_take_any_origin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORS_ORIGINS", "https://app.example, http://localhost:5173,*")
+
+    assert get_settings().cors_origins == ("https://app.example", "http://localhost:5173", "*")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from domain import DeviceNotAvailableError, InvalidRequestError
 from settings import DEVICE_NAMES, DEVICE_PATTERN
 
 from ..layers.kernels import cpu_description, read_cpuinfo
+from .cgroup import cgroup_cpu_limit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,7 +79,11 @@ def dtype_for(device: str, setting: str, stored: torch.dtype | None = None) -> t
 
 
 def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on, and, in a container with a CPU quota, the quota's CPUs
+    (rounded up): four threads under `limits.cpu: 2` are throttled in turns at every barrier."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
 def configure_torch(cpu_threads: int, gpu_memory_fraction: float) -> int:

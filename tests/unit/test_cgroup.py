@@ -1,10 +1,11 @@
-"""The memory limit the service obeys is its cgroup's, v2 or v1, read from fake /sys trees."""
+"""The memory limit the service obeys and the CPUs its steps run on are its cgroup's, v2 or v1, read
+from fake /sys trees."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from engine.models.cgroup import cgroup_memory
+from engine.models.cgroup import cgroup_cpu_limit, cgroup_memory
 
 GIB = 2**30
 UNLIMITED_V1 = str(9223372036854771712)
@@ -54,3 +55,28 @@ def test_a_container_that_sees_only_its_own_group_at_the_mount(tmp_path):
 
 def test_no_cgroup_file_means_no_limit(tmp_path):
     assert cgroup_memory(tmp_path / "sys", tmp_path / "missing") is None
+
+
+def test_a_v2_cpu_quota_in_cpus(tmp_path):
+    write(tmp_path / "sys" / "app", cpu_max="250000 100000")
+    assert cgroup_cpu_limit(tmp_path / "sys", membership(tmp_path, "0::/app\n")) == 2.5
+
+
+def test_a_v2_cpu_max_of_max_is_no_quota(tmp_path):
+    write(tmp_path / "sys" / "app", cpu_max="max 100000")
+    assert cgroup_cpu_limit(tmp_path / "sys", membership(tmp_path, "0::/app\n")) is None
+
+
+def test_a_v1_cpu_quota_is_the_lowest_up_the_tree_and_minus_one_is_none(tmp_path):
+    v1 = tmp_path / "sys" / "cpu"
+    write(v1 / "kubepods", cpu_cfs_quota_us="400000", cpu_cfs_period_us="100000")
+    write(v1 / "kubepods" / "pod1", cpu_cfs_quota_us="200000", cpu_cfs_period_us="100000")
+    write(v1 / "kubepods" / "pod1" / "app", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    text = "4:cpu,cpuacct:/kubepods/pod1/app\n0::/\n"
+    assert cgroup_cpu_limit(tmp_path / "sys", membership(tmp_path, text)) == 2.0
+
+
+def test_no_cpu_quota_anywhere(tmp_path):
+    write(tmp_path / "sys" / "cpu", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    assert cgroup_cpu_limit(tmp_path / "sys", membership(tmp_path, "4:cpu,cpuacct:/\n")) is None
+    assert cgroup_cpu_limit(tmp_path / "sys", tmp_path / "missing") is None

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from .block_manager import block_hashes
 from .scheduler import ScheduledStep, Scheduler, StepOutput
 from .sequence import FinishEvent, FinishReason, SamplingRequest, Sequence, Sink
+from .service_rate import Work
 
 if TYPE_CHECKING:
     from .queue_board import QueueBoard
@@ -107,9 +108,16 @@ class EngineCore:
         sequence = Sequence(request, sink, block_hashes(request.prompt_ids))
         with self._wakeup:
             if not self._stopped:
+                waiting = len(self.scheduler.waiting)
                 try:
                     self.scheduler.add(sequence, time.monotonic())
-                finally:  # admitted or refused, its work is the scheduler's to count, not the ticket's
+                except BaseException:  # refused: its ticket's work leaves what the workers count
+                    self._publish(admitted_ticket=request.ticket)
+                    raise
+                if self._board is not None and len(self.scheduler.waiting) == waiting + 1:
+                    work = Work(sequence.prompt_work, request.max_new_tokens)
+                    self._board.add_admitted(self.name, work, request.priority, request.ticket)
+                else:  # it took a less urgent one's place: that one's work left too
                     self._publish(admitted_ticket=request.ticket)
                 if self._in_flight_abortable and request.priority < self._in_flight.most_urgent:
                     self._runner.abort()

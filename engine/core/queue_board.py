@@ -213,6 +213,29 @@ class QueueBoard:
             self._drop_expired(time.monotonic())
             self._recount_ahead(index)
 
+    def add_admitted(self, model_id: str, own: Work, priority: int, ticket: int = NO_TICKET) -> None:
+        """A request the scheduler has just queued, without a replay of the whole queue (publish's,
+        which the next step makes): its work joins each view it is in, and its ticket, whose estimate
+        the views ahead already hold, goes. A burst's admissions cost a heap update each, not two
+        replays of a queue that grows with the burst."""
+        with self._locked():
+            index = self._model_index(model_id)
+            if index is None:
+                return
+            self._models["waiting"][index] += 1
+            found = np.flatnonzero(self._tickets["serial"] == ticket) if ticket != NO_TICKET else ()
+            self._tickets[found] = np.zeros((), TICKET)
+            for view, view_priority in enumerate(VIEWS):
+                if priority > view_priority:
+                    continue
+                kinds = ("admitted",) if len(found) else ("admitted", "ahead")
+                for kind in kinds:
+                    backlog = self._backlog(index, kind, view)
+                    backlog.add(own)
+                    self._store(index, kind, view, backlog)
+            if self._models["least_urgent"][index] < priority:
+                self._models["least_urgent"][index] = priority
+
     def withdraw(self, model_id: str) -> None:
         """An unloaded model: nothing is checked for it any more."""
         with self._locked():

@@ -231,3 +231,27 @@ def test_a_starting_engine_removes_the_boards_of_servers_that_are_gone(tmp_path)
         path.write_bytes(b"")
     assert remove_abandoned_boards(tmp_path) == [abandoned]
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_admissions_counted_one_by_one_agree_with_a_full_publish(engine_board, worker_boards):
+    """A burst's admissions update the board a heap step each; the next step's publish replays the
+    queue. Both must put a new request behind the same work."""
+    into = busy_scheduler(batch_size=2, running_steps=40)
+    core = EngineCore(into, ScriptedRunner({}), name=MODEL, board=engine_board)
+    core._publish()
+    worker = worker_boards[0]
+    for offset in range(5):
+        ticket = worker.reserve(MODEL, Work(8, 10), 0, 60.0)
+        request = SamplingRequest(prompt_of(8, 7000 + 100 * offset), 10, 0.0, time.monotonic() + 60, ticket=ticket)
+        core.submit(request, lambda event: None)
+    assert not (engine_board._tickets["serial"] != NO_TICKET).any()
+    worker.release(worker.reserve(MODEL, Work(8, 10), 0, 60.0))  # a recount from what the engine admitted
+
+    def expected_s() -> float:
+        with pytest.raises(PastDeadline) as late:
+            worker.reserve(MODEL, Work(8, 10), 0, 1.0)  # alone it would finish in time
+        return late.value.expected_s
+
+    one_by_one = expected_s()
+    core._publish()
+    assert one_by_one == pytest.approx(expected_s())

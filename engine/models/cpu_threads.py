@@ -28,6 +28,9 @@ SAMPLE_S = 0.5
 # Others' load costs a thread from this much of a core: the slivers left over (the API workers'
 # validation, a shell) are not worth one, a hog's whole core is.
 BUSY_CORE = 0.75
+# A thread given up comes back only once others' load is this much lower again, so a load that hovers
+# about the line does not switch the count (and log it) at every sample.
+HYSTERESIS_CORES = 0.25
 
 CpuTimes = tuple[float, float]  # (busy, total) CPU-seconds
 
@@ -105,6 +108,8 @@ class StepThreads:
     def sample(self) -> int:
         others = self._load.sample()
         threads = threads_left(self.most, self._cpus, others)
+        if threads > self.threads:
+            threads = max(self.threads, threads_left(self.most, self._cpus, others + HYSTERESIS_CORES))
         if threads != self.threads:
             logger.info(
                 "steps run on %d of CPU_THREADS=%d threads: other processes keep %.1f of %d cores busy",

@@ -107,3 +107,14 @@ def test_each_stepping_thread_sets_its_own_count_once_per_change(counters):
     step_threads.apply(record)
     main = threading.current_thread().name
     assert calls == [(main, 2), ("other", 2), (main, 1)]
+
+
+def test_a_load_that_hovers_about_the_line_does_not_switch_the_count_at_every_sample(counters):
+    step_threads = StepThreads(2, frozenset({0, 1}), load_on_two_cores(counters))
+    counters.run(0.5, cpus=2, others_cores=0.8, own_cores=1.0)
+    assert step_threads.sample() == 1
+    for others_cores in (0.7, 0.6, 0.74, 0.55):  # below the line, not by the margin
+        counters.run(0.5, cpus=2, others_cores=others_cores, own_cores=1.0)
+        assert step_threads.sample() == 1
+    counters.run(0.5, cpus=2, others_cores=0.4, own_cores=1.0)
+    assert step_threads.sample() == 2

@@ -97,12 +97,13 @@ GENERATED_TOKENS = Counter(
     f"{PREFIX}_generated_tokens", "Generated tokens, those of cancelled and failed sequences included", ["model"]
 )
 
-# The engine: memory, written every round of the memory watchdog (5 s).
+# The engine's CPU threads, written every half second (engine/models/cpu_threads.py).
 STEP_THREADS = Gauge(
     f"{PREFIX}_engine_step_threads",
     "Torch threads the engine's CPU steps run on: CPU_THREADS less the cores other processes keep busy",
     multiprocess_mode=LATEST,
 )
+# The engine: memory, written every round of the memory watchdog (5 s).
 ENGINE_RSS = Gauge(f"{PREFIX}_engine_rss_bytes", "Resident memory of the engine process", multiprocess_mode=LATEST)
 ENGINE_VMS = Gauge(f"{PREFIX}_engine_vms_bytes", "Virtual memory of the engine process", multiprocess_mode=LATEST)
 GPU_ALLOCATED = Gauge(
@@ -223,7 +224,6 @@ class SchedulerMetrics:
     def occupancy(self, waiting: int, running: int) -> None:
         self.queue_depth.set(waiting)
         self.batch_size.set(running)
-
 
 
 @dataclass(frozen=True)

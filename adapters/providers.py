@@ -43,6 +43,7 @@ from domain import (
     ProviderError,
     ProviderUnavailableError,
 )
+from domain.errors import deadline_name
 from domain.generation import REQUEST_TIMEOUT
 from domain.model import EXTERNAL
 from metrics import ProviderMetrics
@@ -324,7 +325,7 @@ class OpenAICompatibleProvider(ModelRepository):
         provider's health; no error for what is not the provider's failure (a cancelled call, a bug)."""
         who = self.who
         if isinstance(raised, DeadlinePassed):
-            limit = "its timeout" if params.timeout_by == REQUEST_TIMEOUT else "MAX_GENERATION_TIME"
+            limit = deadline_name(params.timeout_by == REQUEST_TIMEOUT)
             message = f"{who} had not answered when the request's time ran out ({limit}: {params.timeout_s:.1f}s left)"
             return GenerationTimeoutError(message), "timeout", UNKNOWN
         if isinstance(raised, (openai.APITimeoutError, httpx2.TimeoutException)):

@@ -60,6 +60,11 @@ class InsufficientMemoryError(ModelServiceError):
     error_type = "insufficient_memory"
 
 
+def deadline_name(by_own_timeout: bool) -> str:
+    """What a request's deadline is called in a message: the caller's `timeout`, or the server's limit."""
+    return "its timeout" if by_own_timeout else "MAX_GENERATION_TIME"
+
+
 class OverloadedError(ModelServiceError):
     """More requests are queued for the model than the queue holds, or the queue would make this one
     finish after its deadline: try again shortly."""
@@ -68,7 +73,7 @@ class OverloadedError(ModelServiceError):
 
     @classmethod
     def past_deadline(cls, model_id: str, expected_s: float, allowed_s: float, by_own_timeout: bool) -> OverloadedError:
-        limit = "its timeout" if by_own_timeout else "MAX_GENERATION_TIME"
+        limit = deadline_name(by_own_timeout)
         return cls(
             f"{model_id!r} is busy: behind the requests ahead of it, this one would take about {expected_s:.1f}s, "
             f"past {limit} ({allowed_s:.1f}s left); retry later",

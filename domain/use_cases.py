@@ -93,11 +93,7 @@ class GenerateTextUseCase:
         if (cached := await self._lookup(key)) is not None:
             return cached.from_cache()
         generation = await self._served(
-            model_id,
-            params,
-            lambda member, limited: self._recovering(
-                member, lambda: self._repository.generate_text(member, prompt, limited)
-            ),
+            model_id, params, lambda member, limited: self._repository.generate_text(member, prompt, limited)
         )
         return await self._stored(key, generation)
 
@@ -116,16 +112,11 @@ class GenerateTextUseCase:
         if (cached := await self._lookup(key)) is not None:
             return cached.model_id, self._replayed(cached)
 
-        def first_item(member: str, limited: GenerationParams) -> Callable[[], Awaitable[Opened]]:
-            async def opened() -> Opened:
-                items = aiter(self._repository.stream_text(member, prompt, limited))
-                return member, await anext(items), items
+        async def first_item(member: str, limited: GenerationParams) -> Opened:
+            items = aiter(self._repository.stream_text(member, prompt, limited))
+            return member, await anext(items), items
 
-            return opened
-
-        member, first, rest = await self._served(
-            model_id, params, lambda member, limited: self._recovering(member, first_item(member, limited))
-        )
+        member, first, rest = await self._served(model_id, params, first_item)
         return member, self._stored_stream(key, first, rest)
 
     @staticmethod
@@ -146,11 +137,7 @@ class GenerateTextUseCase:
     async def classify(self, command: Classify) -> Decision:
         model_id, prompt, params = self._prepare_classify(command)
         return await self._served(
-            model_id,
-            params,
-            lambda member, limited: self._recovering(
-                member, lambda: self._repository.classify(member, prompt, limited)
-            ),
+            model_id, params, lambda member, limited: self._repository.classify(member, prompt, limited)
         )
 
     def engine_work(
@@ -207,9 +194,10 @@ class GenerateTextUseCase:
         return self._models.resolve_model_id(command.model_id), prompt, params
 
     async def _served(self, model_id: str, params: Params, operate: Callable[[str, Params], Awaitable[T]]) -> T:
-        """`operate` on the model, or on each member of its fallback chain in turn, with the time left."""
+        """`operate` on the model, or on each member of its fallback chain in turn with the time left,
+        each recovering on its own (_recovering)."""
         if not self._models.is_fallback(model_id):
-            return await operate(model_id, params)
+            return await self._recovering(model_id, lambda: operate(model_id, params))
         started = self._clock()
         failures: list[tuple[str, ModelServiceError]] = []
         for member in self._models.members(model_id):
@@ -217,7 +205,8 @@ class GenerateTextUseCase:
             if left_s <= 0:
                 break
             try:
-                return await operate(member, replace(params, timeout_s=left_s))
+                limited = replace(params, timeout_s=left_s)
+                return await self._recovering(member, lambda: operate(member, limited))
             except FALLBACK_ERRORS as error:
                 failures.append((member, error))
                 logger.info(
